@@ -1,0 +1,131 @@
+"""Params of the data stages (fetch, clean, label_qa) and of `tasks`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from .base import Section
+
+
+class TaskSpec(Section):
+    """One thing the model is taught: a record field turned into an instruction -> response pair."""
+
+    type: Literal["classification", "extraction", "generation"] = Field(
+        description="classification: one label; extraction: entity spans; generation: free text"
+    )
+    field: str = Field(description="record field holding the answer (e.g. intent, entities, summary)")
+    instruction: str = Field(description="instruction shown to the model before the input text")
+    labels: list[str] | None = Field(
+        default=None, description="allowed labels (classification); null = whatever the data holds"
+    )
+    entity_types: list[str] | None = Field(
+        default=None, description="allowed entity types (extraction); null = whatever the data holds"
+    )
+
+
+class SyntheticParams(Section):
+    """The embedded, offline corpus of Chinese financial customer-service requests."""
+
+    num_records: int = Field(default=6000, ge=50, le=2_000_000, description="records to generate")
+    annotator_error_rates: dict[str, float] = Field(
+        default_factory=lambda: {"ann_a": 0.03, "ann_b": 0.04, "ann_c": 0.10},
+        description="simulated annotators -> probability of an error per layer (>= 3 annotators)",
+    )
+
+    @model_validator(mode="after")
+    def _check_annotators(self):
+        if len(self.annotator_error_rates) < 3:
+            raise ValueError("annotator_error_rates needs at least 3 annotators")
+        for name, rate in self.annotator_error_rates.items():
+            if not 0.0 <= rate <= 0.5:
+                raise ValueError(f"annotator_error_rates.{name}={rate}: allowed range is 0.0..0.5")
+        return self
+
+
+class ColumnMapping(Section):
+    """How columns of a user table map onto the record fields."""
+
+    text_column: str = Field(default="text", description="column holding the input text")
+    id_column: str | None = Field(default=None, description="column holding a record id; null = row number")
+    label_columns: dict[str, str] = Field(
+        default_factory=dict, description="record field -> column, e.g. {intent: label}"
+    )
+    annotator_column: str | None = Field(
+        default=None, description="column naming the annotator when a text has one row per annotator"
+    )
+
+
+class LocalParams(ColumnMapping):
+    """Local files: JSONL, CSV/TSV, Parquet or a Label Studio JSON export."""
+
+    path: str | None = Field(default=None, description="file (or directory of files) to read")
+    format: Literal["auto", "jsonl", "csv", "tsv", "parquet", "label_studio"] = Field(
+        default="auto", description="file format; auto = from the extension"
+    )
+
+
+class HfParams(ColumnMapping):
+    """A dataset loaded with datasets.load_dataset (hub id or local dataset directory)."""
+
+    path: str | None = Field(default=None, description="hub dataset id or local directory")
+    name: str | None = Field(default=None, description="dataset config name")
+    split: str = Field(default="train", description="split to load")
+    revision: str | None = Field(default=None, description="pinned git revision (required for hub ids)")
+    trust_remote_code: bool = Field(default=False, description="allow dataset scripts to run code")
+
+
+class FetchParams(Section):
+    """Stage fetch: where raw records come from."""
+
+    source: Literal["synthetic", "local", "hf"] = Field(default="synthetic", description="record source")
+    synthetic: SyntheticParams = Field(default_factory=SyntheticParams)
+    local: LocalParams = Field(default_factory=LocalParams)
+    hf: HfParams = Field(default_factory=HfParams)
+
+    @model_validator(mode="after")
+    def _check_source(self):
+        if self.source in ("local", "hf") and getattr(self, self.source).path is None:
+            raise ValueError(f"source={self.source!r} needs fetch.{self.source}.path")
+        return self
+
+
+class CleanParams(Section):
+    """Stage clean: text normalisation, filters and deduplication."""
+
+    nfkc: bool = Field(default=True, description="Unicode NFKC (full-width -> half-width)")
+    remove_whitespace: bool = Field(default=True, description="drop whitespace (Chinese has none)")
+    remove_latin_digits: bool = Field(
+        default=False, description="drop Latin letters and digits (destroys MONEY/DATE entities)"
+    )
+    to_simplified: bool = Field(default=False, description="traditional -> simplified Chinese (OpenCC)")
+    min_chars: int = Field(default=4, ge=1, description="shorter texts are rejected")
+    max_chars: int = Field(default=512, ge=1, description="longer texts are rejected")
+    dedup_exact: bool = Field(default=True, description="drop exact duplicate texts")
+    near_dup_threshold: float | None = Field(
+        default=0.9, ge=0.5, le=1.0, description="MinHash Jaccard above which texts are near-duplicates; null=off"
+    )
+
+    @model_validator(mode="after")
+    def _check_bounds(self):
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars={self.min_chars} > max_chars={self.max_chars}")
+        return self
+
+
+class LabelQaParams(Section):
+    """Stage label_qa: agreement gate, adjudication, split."""
+
+    kappa_threshold: float = Field(default=0.8, ge=0.0, le=1.0, description="min Cohen's kappa per pair/layer")
+    on_fail: Literal["error", "warn"] = Field(default="error", description="what a kappa below threshold does")
+    exclude_annotators: list[str] = Field(default_factory=list, description="annotators left out of QA and votes")
+    val_fraction: float = Field(default=0.15, ge=0.15, le=0.5, description="validation share (>= 0.15)")
+    test_fraction: float = Field(default=0.15, ge=0.05, le=0.5, description="test share")
+    stratify_by: str | None = Field(default="intent", description="label field to stratify on; null = none")
+
+    @model_validator(mode="after")
+    def _check_split(self):
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must leave at least 10% for training")
+        return self
