@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from conftest import edit_params
 
 from deepseek_sft.config import ParamsError, load_all, load_section
+
+from conftest import edit_params
 
 
 def test_repo_params_are_valid(repo_root):
@@ -45,7 +46,7 @@ def test_out_of_range_names_allowed_range(params_copy):
 
 def test_unknown_top_level_section(params_copy):
     edit_params(params_copy, {"trian.learning_rate": 1.0e-4})
-    with pytest.raises(ParamsError, match="unknown top-level key.*trian"):
+    with pytest.raises(ParamsError, match=r"unknown top-level key.*trian"):
         load_section("fetch")
 
 
@@ -57,7 +58,7 @@ def test_bad_choice_lists_allowed_values(params_copy):
 
 def test_local_source_requires_a_path(params_copy):
     edit_params(params_copy, {"fetch.source": "local"})
-    with pytest.raises(ParamsError, match="fetch.local.path"):
+    with pytest.raises(ParamsError, match=r"fetch\.local\.path"):
         load_section("fetch")
 
 

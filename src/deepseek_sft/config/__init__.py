@@ -34,7 +34,7 @@ SECTIONS: dict[str, str] = {
 }
 TOP_LEVEL = {"seed", "tasks", *SECTIONS}
 
-__all__ = ["ParamsError", "Section", "TaskSpec", "StageParams", "load_section", "load_all", "section_class"]
+__all__ = ["ParamsError", "Section", "StageParams", "TaskSpec", "load_all", "load_section", "section_class"]
 
 
 @dataclass(frozen=True)

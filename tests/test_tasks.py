@@ -1,0 +1,70 @@
+"""Task formats: targets render the way answers are parsed back, and off-format answers are flagged."""
+
+from __future__ import annotations
+
+import pytest
+
+from deepseek_sft.config import TaskSpec
+from deepseek_sft.tasks import NO_ENTITY, build_messages, format_response, locate_spans, parse_response
+
+INTENT = TaskSpec(type="classification", field="intent", instruction="意图？", labels=["card_loss", "transfer"])
+ENTITIES = TaskSpec(type="extraction", field="entities", instruction="实体？", entity_types=["ORG", "MONEY"])
+SUMMARY = TaskSpec(type="generation", field="summary", instruction="摘要？")
+
+TEXT = "招商银行转账5000元失败"
+RECORD = {
+    "text": TEXT,
+    "intent": "transfer",
+    "entities": [{"start": 6, "end": 11, "type": "MONEY"}, {"start": 0, "end": 4, "type": "ORG"}],
+}
+
+
+def test_messages_hold_instruction_and_text():
+    assert build_messages(INTENT, TEXT) == [{"role": "user", "content": f"意图？\n{TEXT}"}]
+
+
+def test_entity_target_is_in_reading_order_and_round_trips():
+    answer = format_response(ENTITIES, RECORD)
+    assert answer == "ORG:招商银行|MONEY:5000元"
+    parsed = parse_response(ENTITIES, answer, TEXT)
+    assert parsed.ok
+    assert [(s["start"], s["end"], s["type"]) for s in parsed.spans] == [(0, 4, "ORG"), (6, 11, "MONEY")]
+
+
+def test_no_entities_renders_and_parses_as_empty():
+    assert format_response(ENTITIES, {**RECORD, "entities": []}) == NO_ENTITY
+    parsed = parse_response(ENTITIES, NO_ENTITY, TEXT)
+    assert parsed.ok and parsed.value == [] and parsed.spans == []
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [("", "empty answer"), ("ORG招商银行", "not TYPE:text"), ("BANK:招商银行", "unknown entity type 'BANK'")],
+)
+def test_off_format_entity_answers_are_not_ok(answer, error):
+    parsed = parse_response(ENTITIES, answer, TEXT)
+    assert not parsed.ok
+    assert error in parsed.error
+
+
+def test_unknown_label_is_not_ok_but_kept_for_the_error_report():
+    parsed = parse_response(INTENT, "card_lost", TEXT)
+    assert not parsed.ok and parsed.value == "card_lost" and "unknown label" in parsed.error
+    assert parse_response(INTENT, " transfer\n", TEXT).ok
+
+
+def test_surface_not_in_text_yields_no_span():
+    assert locate_spans([("ORG", "工商银行"), ("MONEY", "5000元")], TEXT) == [
+        {"start": 6, "end": 11, "type": "MONEY", "text": "5000元"}
+    ]
+
+
+def test_repeated_surface_maps_to_successive_occurrences():
+    spans = locate_spans([("MONEY", "5元"), ("MONEY", "5元")], "付5元又付5元")
+    assert [s["start"] for s in spans] == [1, 5]
+
+
+def test_generation_answer_is_the_text():
+    assert format_response(SUMMARY, {"summary": "转账失败"}) == "转账失败"
+    assert parse_response(SUMMARY, "转账失败").ok
+    assert not parse_response(SUMMARY, "  ").ok
