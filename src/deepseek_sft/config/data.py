@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from .base import Section
+from .sources import LlmParams, WebParams
 
 
 class TaskSpec(Section):
@@ -79,10 +80,14 @@ class HfParams(ColumnMapping):
 class FetchParams(Section):
     """Stage fetch: where raw records come from."""
 
-    source: Literal["synthetic", "local", "hf"] = Field(default="synthetic", description="record source")
+    source: Literal["synthetic", "local", "hf", "web", "llm"] = Field(
+        default="synthetic", description="record source"
+    )
     synthetic: SyntheticParams = Field(default_factory=SyntheticParams)
     local: LocalParams = Field(default_factory=LocalParams)
     hf: HfParams = Field(default_factory=HfParams)
+    web: WebParams = Field(default_factory=WebParams)
+    llm: LlmParams = Field(default_factory=LlmParams)
 
     @model_validator(mode="after")
     def _check_source(self):
