@@ -12,6 +12,15 @@ from pathlib import Path
 from typing import Any
 
 
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
 class DataError(ValueError):
     """Bad input data; the message names the file, the line and what was expected."""
 
@@ -28,6 +37,7 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; published outputs get the usual 0644 (umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
