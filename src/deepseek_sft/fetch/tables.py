@@ -1,0 +1,148 @@
+"""Rows of a user table (local file or HF dataset) -> raw records, via the params column mapping.
+
+Shared by the `local` and `hf` sources. Without `annotator_column` each row is one record labelled by
+one annotator, records.GOLD_ANNOTATOR. With it, rows are grouped by id (or by text when there is no id
+column) and each row becomes that annotator's labels.
+
+Row-level problems are not fetch's job (clean rejects them); they pass through. Where a row cannot be
+turned into a record faithfully, it becomes a *malformed record* (see local.py for the convention).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from ..config import TaskSpec
+from ..config.data import ColumnMapping
+from ..io import DataError
+from ..records import GOLD_ANNOTATOR
+
+
+def malformed(record_id: str, source: str, meta: dict, error: str, raw: str | None = None) -> dict:
+    """A record that stands for input fetch could not read; clean rejects it with `_error` as reason."""
+    record = {"id": record_id, "text": "", "source": source, "annotations": {}, "meta": meta, "_error": error}
+    if raw is not None:
+        record["_raw_line"] = raw
+    return record
+
+
+def plain(value: Any) -> Any:
+    """Python values from numpy/pandas/arrow cells: NaN -> None, numpy scalars/arrays -> int/float/list."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if hasattr(value, "tolist") and not isinstance(value, str | bytes):
+        return plain(value.tolist())  # numpy arrays and scalars
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+def check_columns(columns: list[str], mapping: ColumnMapping, where: str, section: str) -> None:
+    """Every column the mapping names must exist; the error names it and lists the columns present."""
+    wanted = {"text_column": mapping.text_column}
+    if mapping.id_column is not None:
+        wanted["id_column"] = mapping.id_column
+    if mapping.annotator_column is not None:
+        wanted["annotator_column"] = mapping.annotator_column
+    for field, column in mapping.label_columns.items():
+        wanted[f"label_columns.{field}"] = column
+    for key, column in wanted.items():
+        if column not in columns:
+            present = ", ".join(map(str, columns)) or "(none)"
+            raise DataError(
+                f"{where}: column {column!r} ({section}.{key}) not found; columns present: {present}"
+            )
+
+
+def label_value(field: str, value: Any, tasks: dict[str, TaskSpec]) -> Any:
+    """A label cell as a record value: '' -> None; a JSON string in an extraction field -> its spans."""
+    value = plain(value)
+    if value == "":
+        return None
+    if isinstance(value, str) and field in _extraction_fields(tasks):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value  # kept as is: clean rejects it with the reason
+    return value
+
+
+def _extraction_fields(tasks: dict[str, TaskSpec]) -> set[str]:
+    return {t.field for t in tasks.values() if t.type == "extraction"}
+
+
+def row_labels(row: dict, mapping: ColumnMapping, tasks: dict[str, TaskSpec]) -> dict:
+    """The labels a row holds, keyed by record field."""
+    return {
+        field: label_value(field, row.get(column), tasks) for field, column in mapping.label_columns.items()
+    }
+
+
+def rows_to_records(
+    rows: Iterable[tuple[int, dict]],
+    mapping: ColumnMapping,
+    tasks: dict[str, TaskSpec],
+    *,
+    source: str,
+    origin: dict,
+    id_prefix: str,
+    unit: str = "row",
+) -> list[dict]:
+    """Records from (row number, row) pairs; `origin` (file or dataset) and the row number (under the
+    key `unit`: "row", or "line" for JSONL) go into every record's meta."""
+    if mapping.annotator_column is None:
+        return [_single(n, row, mapping, tasks, source, {**origin, unit: n}, id_prefix) for n, row in rows]
+    return _grouped(rows, mapping, tasks, source, origin, id_prefix, unit)
+
+
+def _row_id(n: int, row: dict, mapping: ColumnMapping, id_prefix: str) -> str:
+    value = plain(row.get(mapping.id_column)) if mapping.id_column else None
+    return f"{id_prefix}-{n}" if value is None or value == "" else str(value)
+
+
+def _single(n, row, mapping, tasks, source, meta, id_prefix) -> dict:
+    labels = row_labels(row, mapping, tasks)
+    return {
+        "id": _row_id(n, row, mapping, id_prefix),
+        "text": plain(row.get(mapping.text_column)),
+        "source": source,
+        "annotations": {GOLD_ANNOTATOR: labels} if labels else {},
+        "meta": meta,
+    }
+
+
+def _grouped(rows, mapping, tasks, source, origin, id_prefix, unit) -> list[dict]:
+    """One record per id (or text); one annotation per row. Conflicting rows become malformed records."""
+    records: list[dict] = []
+    by_key: dict[str, dict] = {}
+    for n, row in rows:
+        text = plain(row.get(mapping.text_column))
+        record_id = _row_id(n, row, mapping, id_prefix)
+        key = record_id if mapping.id_column else str(text)
+        annotator = plain(row.get(mapping.annotator_column))
+        meta = {**origin, unit: n}
+        record = by_key.get(key)
+        error = None
+        if annotator is None or annotator == "":
+            error = f"empty {mapping.annotator_column!r} (annotator column)"
+        elif record is not None and record["text"] != text:
+            error = f"id {record_id!r} was first seen with a different text ({unit} {record['meta'][unit + 's'][0]})"
+        elif record is not None and str(annotator) in record["annotations"]:
+            first = record["meta"][unit + "s"][0]
+            error = f"second annotation by {annotator!r} for id {record['id']!r} (first at {unit} {first})"
+        if error:
+            records.append(malformed(f"{record_id}@{unit}{n}", source, meta, error))
+            continue
+        if record is None:
+            meta = {**origin, unit + "s": []}
+            record = {"id": record_id, "text": text, "source": source, "annotations": {}, "meta": meta}
+            by_key[key] = record
+            records.append(record)
+        record["annotations"][str(annotator)] = row_labels(row, mapping, tasks)
+        record["meta"][unit + "s"].append(n)
+    return records
