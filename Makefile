@@ -18,7 +18,7 @@ export PYTHONHASHSEED := 0
 S ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup repro data train evaluate compress test lint format exp show dag push pull check-params clean distclean
+.PHONY: help setup repro data train evaluate compress test lint format exp show dag serve loadtest push pull check-params clean distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -71,6 +71,12 @@ dag: setup ## print the pipeline graph
 
 check-params: setup ## validate every section of params.yaml
 	python -c "from deepseek_sft.config import load_all; load_all(); print('params.yaml: ok')"
+
+serve: setup ## serve a model over HTTP + Prometheus /metrics: make serve [MODEL_DIR=models/compressed/int8]
+	python scripts/serve.py $(if $(MODEL_DIR),--model-dir $(MODEL_DIR))
+
+loadtest: setup ## bounded load test (loopback) of a running `make serve`; SPAWN=1 starts its own service
+	python scripts/loadtest.py --out reports/serve/loadtest.json $(if $(SPAWN),--spawn) $(if $(MODEL_DIR),--model-dir $(MODEL_DIR))
 
 push: setup ## push DVC-tracked outputs to the default remote
 	dvc push

@@ -1,0 +1,1 @@
+"""The inference service (`make serve`): FastAPI app, batching engine, Prometheus metrics, load test."""

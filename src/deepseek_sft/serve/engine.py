@@ -1,0 +1,293 @@
+"""The model behind the service: loading, prompt encoding and batched greedy generation on one worker thread.
+
+Only the worker thread touches the model, so generation is thread-safe without locking the model; requests
+from any thread are queued and the worker gathers up to `max_batch_size` of them (waiting at most
+`batch_wait_ms` for company) into one batched `generate` call. The tokenizer is shared by the request
+threads and the worker, so its calls go through one lock (fast tokenizers refuse concurrent mutation).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..base_model import load_model_and_tokenizer
+from ..config.data import TaskSpec
+from ..config.serve import ServeParams
+from ..evaluate.generate import decode_answers, generate_batched
+from ..sft_data import encode_prompt
+from ..tokenizer_build import ensure_chat_ready
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+class NotReady(RuntimeError):
+    """The model is not loaded (yet, or loading failed)."""
+
+
+class PromptTooLong(ValueError):
+    """Prompt plus requested new tokens exceed the model's context window."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One request's answer; `batch_seconds` is the wall time of the batched generate call it was part of."""
+
+    token_ids: list[int]
+    text: str
+    prompt_tokens: int
+    max_new_tokens: int
+    batch_seconds: float
+    batch_size: int
+
+    @property
+    def finish_reason(self) -> str:
+        """OpenAI's wording: "stop" when EOS ended the answer, "length" when the token budget did."""
+        return "length" if len(self.token_ids) >= self.max_new_tokens else "stop"
+
+
+@dataclass
+class _Request:
+    ids: list[int]
+    max_new_tokens: int
+    future: Future = field(default_factory=Future)
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> cuda when available, else cpu."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class Engine:
+    """A loaded model + tokenizer and the batching worker that runs greedy generation."""
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        *,
+        trust_remote_code: bool = False,
+        dtype: str = "float32",
+        attn_implementation: str = "sdpa",
+        device: str = "auto",
+        num_threads: int | None = None,
+        max_batch_size: int = 8,
+        batch_wait_ms: float = 5.0,
+        on_batch=None,
+    ):
+        self.model_dir = Path(model_dir)
+        self.trust_remote_code = trust_remote_code
+        self.dtype = dtype
+        self.attn_implementation = attn_implementation
+        self.device = resolve_device(device)
+        self.num_threads = num_threads
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_ms / 1000.0
+        self.on_batch = on_batch  # callback(batch_size, seconds), e.g. a Prometheus histogram
+        self.model = None
+        self.tokenizer = None
+        self.load_error: str | None = None
+        self._load_lock = threading.Lock()
+        self._tok_lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue()
+        self._worker: threading.Thread | None = None
+
+    @classmethod
+    def from_params(
+        cls, section: ServeParams, model_dir: str | os.PathLike | None = None, on_batch=None
+    ) -> Engine:
+        """An engine configured by the `serve:` params section (`model_dir` overrides serve.model_dir)."""
+        return cls(
+            model_dir or section.model_dir,
+            trust_remote_code=section.trust_remote_code,
+            dtype=section.dtype,
+            attn_implementation=section.attn_implementation,
+            device=section.device,
+            num_threads=section.num_threads,
+            max_batch_size=section.max_batch_size,
+            batch_wait_ms=section.batch_wait_ms,
+            on_batch=on_batch,
+        )
+
+    # ----- loading -------------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        """True once the model and tokenizer are loaded."""
+        return self.model is not None
+
+    @property
+    def model_type(self) -> str:
+        """config.model_type of the loaded model ("" before loading)."""
+        return getattr(getattr(self.model, "config", None), "model_type", "") or ""
+
+    @property
+    def context_window(self) -> int | None:
+        """Longest sequence (prompt + answer) the model takes, when its config says."""
+        return getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+
+    def load(self) -> None:
+        """Load model and tokenizer (idempotent; thread-safe); failures are kept in `load_error` and raised."""
+        with self._load_lock:
+            if self.ready:
+                return
+            if not (self.model_dir / "config.json").is_file():
+                self.load_error = (
+                    f"{self.model_dir}: no config.json; expected a model directory saved by save_pretrained"
+                )
+                raise FileNotFoundError(self.load_error)
+            if self.num_threads:
+                torch.set_num_threads(self.num_threads)
+            started = time.perf_counter()
+            try:
+                model, tokenizer = load_model_and_tokenizer(
+                    self.model_dir, self.trust_remote_code, self.dtype, self.attn_implementation
+                )
+            except Exception as e:
+                self.load_error = f"{self.model_dir}: could not load the model: {type(e).__name__}: {e}"
+                raise
+            added = ensure_chat_ready(tokenizer)
+            if added:
+                log.warning(
+                    "%s: tokenizer lacked %s; using the project defaults", self.model_dir, ", ".join(added)
+                )
+            self.tokenizer = tokenizer
+            self.model = model.to(self.device).eval()
+            self.load_error = None
+            log.info(
+                "loaded %s (%s, %s) in %.1f s",
+                self.model_dir,
+                self.model_type,
+                self.device,
+                time.perf_counter() - started,
+            )
+
+    def load_in_background(self) -> threading.Thread:
+        """Start loading on a daemon thread (the service answers /healthz meanwhile)."""
+
+        def run():
+            try:
+                self.load()
+            except Exception:
+                log.exception("model loading failed")
+
+        thread = threading.Thread(target=run, name="dsft-load", daemon=True)
+        thread.start()
+        return thread
+
+    # ----- encoding ------------------------------------------------------------------------------------
+    def _require_ready(self) -> None:
+        if not self.ready:
+            raise NotReady(self.load_error or "the model is still loading")
+
+    def encode_task(self, task: TaskSpec, text: str) -> list[int]:
+        """Prompt ids of `task` on `text`, exactly as training and evaluation build them."""
+        self._require_ready()
+        with self._tok_lock:
+            return list(encode_prompt(self.tokenizer, task, text))
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Prompt ids of a chat conversation through the tokenizer's chat template (generation prompt added)."""
+        self._require_ready()
+        with self._tok_lock:
+            rendered = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+            return list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+    def encode_raw(self, prompt: str) -> list[int]:
+        """Prompt ids of raw text, with the tokenizer's usual special tokens (BOS)."""
+        self._require_ready()
+        with self._tok_lock:
+            return list(self.tokenizer(prompt)["input_ids"])
+
+    def check_length(self, ids: list[int], max_new_tokens: int) -> None:
+        """Raise PromptTooLong if prompt + answer would not fit the context window."""
+        window = self.context_window
+        if window is not None and len(ids) + max_new_tokens > window:
+            raise PromptTooLong(
+                f"prompt is {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds the model's "
+                f"context window of {window} tokens"
+            )
+
+    # ----- generation ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the batching worker thread (idempotent)."""
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._run, name="dsft-generate", daemon=True)
+            self._worker.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Let the worker finish what is queued, then stop it."""
+        if self._worker is not None and self._worker.is_alive():
+            self._queue.put(_STOP)
+            self._worker.join(timeout)
+        self._worker = None
+
+    def submit(self, ids: list[int], max_new_tokens: int) -> Future:
+        """Queue one prompt; the Future resolves to a Generation (or the generation error)."""
+        self._require_ready()
+        if self._worker is None:
+            raise RuntimeError("Engine.start() was not called")
+        request = _Request(list(ids), int(max_new_tokens))
+        self._queue.put(request)
+        return request.future
+
+    def generate(self, ids: list[int], max_new_tokens: int, timeout: float | None = None) -> Generation:
+        """Blocking convenience around `submit`."""
+        return self.submit(ids, max_new_tokens).result(timeout)
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is _STOP:
+                break
+            batch, stopping = self._gather([first])
+            # Requests cancelled while queued (client went away) are dropped before they cost compute.
+            live = [r for r in batch if r.future.set_running_or_notify_cancel()]
+            by_budget: dict[int, list[_Request]] = defaultdict(list)
+            for request in live:
+                by_budget[request.max_new_tokens].append(request)
+            for budget, group in sorted(by_budget.items()):
+                self._generate_group(group, budget)
+
+    def _gather(self, batch: list[_Request]) -> tuple[list[_Request], bool]:
+        deadline = time.monotonic() + self.batch_wait_s
+        while len(batch) < self.max_batch_size:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _generate_group(self, group: list[_Request], budget: int) -> None:
+        started = time.perf_counter()
+        try:
+            answers = generate_batched(self.model, self.tokenizer, [r.ids for r in group], budget, len(group))
+            with self._tok_lock:
+                texts = decode_answers(self.tokenizer, answers)
+        except Exception as e:  # one bad batch must not kill the worker: its requests get the error
+            log.exception("generation failed for a batch of %d", len(group))
+            for request in group:
+                request.future.set_exception(e)
+            return
+        seconds = time.perf_counter() - started
+        if self.on_batch is not None:
+            self.on_batch(len(group), seconds)
+        for request, answer, text in zip(group, answers, texts, strict=True):
+            request.future.set_result(Generation(answer, text, len(request.ids), budget, seconds, len(group)))
