@@ -17,18 +17,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", required=True, type=Path, help="records JSONL to write")
     parser.add_argument("--manifest", required=True, type=Path, help="manifest JSON to write")
+    parser.add_argument("--side-dir", required=True, type=Path, help="directory for a source's side files")
     parser.add_argument("--reports", required=True, type=Path, help="directory for metrics.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         params = load_section("fetch")
-        records, stats = fetch(params)
+        args.side_dir.mkdir(parents=True, exist_ok=True)
+        records, stats = fetch(params, side_dir=args.side_dir)
     except (DataError, ParamsError) as e:
         print(f"fetch: error: {e}", file=sys.stderr)
         return 2
     write_jsonl(args.out, records)
     write_json(args.manifest, manifest(params, args.out, records))
     write_metrics(args.reports / "metrics.json", stats)
+    # The side directory is one DVC output whatever the source: list what this run put there.
+    side_files = sorted(p.name for p in args.side_dir.iterdir() if p.name != "index.json")
+    write_json(args.side_dir / "index.json", {"source": params.section.source, "files": side_files})
     logging.info("fetch: wrote %d records to %s", len(records), args.out)
     return 0
 

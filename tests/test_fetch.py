@@ -391,7 +391,8 @@ def test_hf_hub_id_without_revision_is_refused(tmp_path, offline_datasets):
 def run_script(tmp_path: Path, fetch_section: dict) -> subprocess.CompletedProcess:
     env = {**os.environ, "DSFT_PARAMS": str(params_file(tmp_path, fetch_section))}
     cmd = [sys.executable, str(ROOT / "scripts/fetch.py"), "--out", "data/raw/records.jsonl",
-           "--manifest", "data/raw/manifest.json", "--reports", "reports/fetch"]  # fmt: skip
+           "--manifest", "data/raw/manifest.json", "--side-dir", "data/raw/side",
+           "--reports", "reports/fetch"]  # fmt: skip
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -411,6 +412,8 @@ def test_script_end_to_end_is_reproducible(tmp_path):
     assert metrics["records"] == 300 and metrics["n_annotators"] == 3 and metrics["rarest_intent_count"] >= 3
     assert all(isinstance(v, int | float) for v in metrics.values())
     assert len(first.splitlines()) == 300
+    side = json.loads((tmp_path / "data/raw/side/index.json").read_text(encoding="utf-8"))
+    assert side == {"source": "synthetic", "files": []}
     assert run_script(tmp_path, section).returncode == 0
     assert out.read_bytes() == first
 

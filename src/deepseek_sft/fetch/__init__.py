@@ -5,6 +5,9 @@ llm.py) that exposes::
 
     fetch_records(params: StageParams) -> list[dict]   # raw records, in a deterministic order
     VERSION: str                                        # optional; recorded in the manifest
+    SIDE_OUTPUTS: tuple[str, ...]                       # optional; then fetch_records also takes
+                                                        # side_dir= (where to write those files) and
+                                                        # stats= (a dict to add flat counters to)
 
 Modules are imported only when their source is chosen, so `synthetic` never imports `datasets` and a
 new source needs no change here.
@@ -40,17 +43,24 @@ def source_module(source: str) -> ModuleType:
     return module
 
 
-def fetch(params: StageParams) -> tuple[list[dict], dict]:
-    """Fetch the raw records of `params.section.source`; return them with flat, numeric stats."""
+def fetch(params: StageParams, side_dir: str | os.PathLike | None = None) -> tuple[list[dict], dict]:
+    """Fetch the raw records of `params.section.source`; return them with flat, numeric stats.
+
+    Sources with side outputs (crawl log, LLM rejects, review queue) write them into `side_dir`.
+    """
     source = params.section.source
     module = source_module(source)
     log.info("fetch: source=%s (%s)", source, getattr(module, "VERSION", "unversioned"))
     started = time.perf_counter()
-    records = module.fetch_records(params)
+    source_stats: dict = {}
+    if hasattr(module, "SIDE_OUTPUTS"):
+        records = module.fetch_records(params, side_dir=side_dir, stats=source_stats)
+    else:
+        records = module.fetch_records(params)
     seconds = time.perf_counter() - started
     if not records:
         raise DataError(f"fetch.source={source!r} produced no records; check its input")
-    stats = summarize(records, params.tasks, seconds)
+    stats = {**summarize(records, params.tasks, seconds), **source_stats}
     log.info("fetch: %d records in %.2fs", len(records), seconds)
     return records, stats
 

@@ -1,0 +1,262 @@
+"""Stage augment: label-preserving variants of the *train* split (val and test are never read).
+
+Methods, applied in the order of `augment.methods`:
+- synonym: dictionary terms (resources/financial_synonyms.tsv) outside entities replaced by a synonym;
+- structure: the clauses of one sentence (split at ，,；;) or the terminated sentences reordered;
+- backtranslation: a round trip through a pivot language with entities masked (off by default).
+
+Entity spans stay aligned: no edit touches a character inside an entity, offsets are recomputed after
+each edit, reordered clauses carry their spans, and every span of a variant is checked to cover exactly
+its source entity text. Labels are copied; the per-annotator `annotations` (offsets into the old text)
+are dropped from variants. `ratio` * len(train) variants are shared equally by the methods; each method
+walks the records in a seeded order and skips texts that already exist.
+
+Output: the train lines verbatim, then the variants (id ``<id>-aug-<method>-<pass>``, an ``augment``
+key naming method and source). With `enabled: false` the output is a byte copy of train.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .augment_backtranslate import Translator, backtranslate, make_translator
+from .augment_edits import Edited, SpansByField, SynonymDictionary, structure_edit, synonym_edit
+from .config import StageParams
+from .config.augment import AugmentParams
+from .config.data import TaskSpec
+from .io import DataError, atomic_path, iter_jsonl_lines, write_metrics, write_text
+
+__all__ = ["AugmentResult", "augment_records", "load_train", "run_augment"]
+
+log = logging.getLogger(__name__)
+
+CHUNK = 256  # records proposed per step (a translator batch for back-translation)
+
+
+@dataclass
+class AugmentResult:
+    """Variants per method and flat metrics."""
+
+    added: dict[str, list[dict]] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def variants(self) -> list[dict]:
+        """All variants, in method order."""
+        return [r for records in self.added.values() for r in records]
+
+
+# --- input -------------------------------------------------------------------------------------------
+
+
+def entity_fields(tasks: dict[str, TaskSpec]) -> list[str]:
+    """Record fields that hold entity spans (the extraction tasks)."""
+    return [t.field for t in tasks.values() if t.type == "extraction"]
+
+
+def check_record(record: dict, fields: list[str], where: str) -> None:
+    """A processed record must have an id, a text and spans that cover their own text."""
+    for key in ("id", "text"):
+        if not isinstance(record.get(key), str) or not record[key]:
+            raise DataError(f"{where}: key {key!r}: expected a non-empty string, got {record.get(key)!r}")
+    text = record["text"]
+    for name in fields:
+        spans = record.get(name, [])
+        if not isinstance(spans, list):
+            raise DataError(f"{where}: key {name!r}: expected a list of spans, got {type(spans).__name__}")
+        for span in spans:
+            ok = isinstance(span, dict) and all(isinstance(span.get(k), int) for k in ("start", "end"))
+            if (
+                not ok
+                or not 0 <= span["start"] < span["end"] <= len(text)
+                or not isinstance(span.get("type"), str)
+            ):
+                raise DataError(
+                    f"{where}: key {name!r}: bad span {span!r}; expected 0 <= start < end <= {len(text)}"
+                )
+            if "text" in span and span["text"] != text[span["start"] : span["end"]]:
+                raise DataError(
+                    f"{where}: key {name!r}: span text {span['text']!r} != text[{span['start']}:{span['end']}] "
+                    f"{text[span['start'] : span['end']]!r}"
+                )
+
+
+def load_train(path: str | Path, tasks: dict[str, TaskSpec]) -> tuple[list[dict], list[str]]:
+    """The train records and their raw lines; a bad line raises DataError naming file, line and key."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: not found; expected the train split written by label_qa")
+    fields = entity_fields(tasks)
+    records, lines, seen = [], [], {}
+    for lineno, line in iter_jsonl_lines(path):
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON ({e.msg}); expected one JSON object per line") from e
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        check_record(record, fields, where)
+        if record["id"] in seen:
+            raise DataError(f"{where}: duplicate id {record['id']!r} (also on line {seen[record['id']]})")
+        seen[record["id"]] = lineno
+        records.append(record)
+        lines.append(line)
+    if not records:
+        raise DataError(f"{path}: no records; expected the train split written by label_qa")
+    return records, lines
+
+
+# --- methods -----------------------------------------------------------------------------------------
+
+
+def spans_of(record: dict, fields: list[str]) -> SpansByField:
+    """The record's entity spans per extraction field (a missing field counts as no entities)."""
+    return {name: list(record.get(name) or []) for name in fields if name in record}
+
+
+class Method:
+    """One augmentation method: proposes an Edited per record of a chunk."""
+
+    def __init__(self, name: str, params: AugmentParams, translator: Translator | None = None):
+        self.name, self.params, self.translator = name, params, translator
+        self.synonyms = SynonymDictionary.from_tsv(params.synonym.dictionary) if name == "synonym" else None
+        if name == "backtranslation" and self.translator is None:
+            self.translator = make_translator(params.backtranslation)
+
+    @property
+    def chunk(self) -> int:
+        """Records proposed at once."""
+        return self.params.backtranslation.batch_size if self.name == "backtranslation" else CHUNK
+
+    def propose(self, items: list[tuple[str, SpansByField]], rng: random.Random) -> list[Edited]:
+        """One variant (or a reason) per (text, spans)."""
+        if self.name == "synonym":
+            limit = self.params.synonym.max_replacements
+            return [synonym_edit(text, spans, self.synonyms, limit, rng) for text, spans in items]
+        if self.name == "structure":
+            reorder = self.params.structure.sentence_reorder
+            return [structure_edit(text, spans, reorder, rng) for text, spans in items]
+        return backtranslate(items, self.translator, self.params.backtranslation)
+
+
+def quotas(total: int, methods: list[str]) -> dict[str, int]:
+    """`total` variants shared equally by the methods (the first ones take the remainder)."""
+    base, extra = divmod(total, len(methods)) if methods else (0, 0)
+    return {m: base + (i < extra) for i, m in enumerate(methods)}
+
+
+def make_variant(record: dict, edited: Edited, method: str, n_pass: int) -> dict:
+    """A copy of `record` with the edited text and spans; labels carry over."""
+    variant = {k: v for k, v in record.items() if k != "annotations"}
+    variant.update(edited.spans or {})
+    variant["text"] = edited.text
+    variant["id"] = f"{record['id']}-aug-{method}-{n_pass}"
+    variant["augment"] = {"method": method, "source_id": record["id"]}
+    return variant
+
+
+def run_method(
+    method: Method, records: list[dict], fields: list[str], quota: int, rng: random.Random, seen: set[str]
+) -> tuple[list[dict], Counter]:
+    """Variants of one method until `quota` is met or every record was tried in every pass."""
+    added, counts = [], Counter()
+    # one pass more than the quota needs: duplicates and records without a variant leave gaps to fill
+    for n_pass in range(math.ceil(quota / len(records)) + 1 if quota else 0):
+        order = rng.sample(range(len(records)), len(records))
+        for at in range(0, len(order), method.chunk):
+            if len(added) >= quota:
+                return added, counts
+            batch = [records[i] for i in order[at : at + method.chunk]]
+            proposals = method.propose([(r["text"], spans_of(r, fields)) for r in batch], rng)
+            for record, edited in zip(batch, proposals, strict=True):
+                if len(added) >= quota:
+                    break
+                counts["tried"] += 1
+                reason = edited.reason or ("duplicate" if edited.text in seen else "")
+                if reason:
+                    counts[f"skipped_{reason}"] += 1
+                else:
+                    seen.add(edited.text)
+                    added.append(make_variant(record, edited, method.name, n_pass))
+        log.info("augment %s: pass %d, %d/%d added", method.name, n_pass, len(added), quota)
+        if len(added) >= quota:
+            break
+    return added, counts
+
+
+def augment_records(
+    records: list[dict], stage: StageParams, translator: Translator | None = None
+) -> AugmentResult:
+    """Variants of `records` per `stage.section` (AugmentParams), seeded by `stage.seed`."""
+    params: AugmentParams = stage.section
+    fields = entity_fields(stage.tasks)
+    started = time.perf_counter()
+    result = AugmentResult()
+    metrics: dict[str, float] = {"train_records": len(records)}
+    methods = params.methods if params.enabled else []
+    seen = {r["text"] for r in records}
+    for name, quota in quotas(round(params.ratio * len(records)), methods).items():
+        # one stream per method: adding or removing a method does not change the others' variants
+        rng = random.Random(f"{stage.seed}:augment:{name}")
+        added, counts = run_method(Method(name, params, translator), records, fields, quota, rng, seen)
+        result.added[name] = added
+        metrics[f"quota_{name}"] = quota
+        metrics[f"added_{name}"] = len(added)
+        metrics.update({f"{key}_{name}": value for key, value in sorted(counts.items())})
+    metrics["added_total"] = len(result.variants)
+    metrics["out_records"] = len(records) + len(result.variants)
+    metrics["augment_seconds"] = round(time.perf_counter() - started, 3)
+    result.metrics = metrics
+    return result
+
+
+# --- stage -------------------------------------------------------------------------------------------
+
+
+def write_reports(result: AugmentResult, reports: str | Path) -> None:
+    """metrics.json and added_per_method.csv (a DVC bar plot) under `reports`."""
+    reports = Path(reports)
+    write_metrics(reports / "metrics.json", result.metrics)
+    rows = [f"{m},{len(v)}" for m, v in result.added.items()]
+    write_text(reports / "added_per_method.csv", "\n".join(["method,added", *rows]) + "\n")
+
+
+def write_augmented(lines: list[str], result: AugmentResult, out: str | Path) -> None:
+    """train_augmented.jsonl: the train lines verbatim, then the variants."""
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(line + "\n")
+        for record in result.variants:
+            f.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def run_augment(
+    train: str | Path,
+    out: str | Path,
+    reports: str | Path,
+    stage: StageParams,
+    translator: Translator | None = None,
+) -> dict:
+    """The whole stage: read train, add variants, write the outputs; returns the metrics."""
+    records, lines = load_train(train, stage.tasks)
+    if stage.section.enabled:
+        result = augment_records(records, stage, translator)
+        write_augmented(lines, result, out)
+    else:
+        # a byte copy, so the train stage reads the same data whether or not augment is on
+        with atomic_path(out) as tmp:
+            shutil.copyfile(train, tmp)
+        n = len(records)
+        result = AugmentResult(metrics={"train_records": n, "added_total": 0, "out_records": n})
+    write_reports(result, reports)
+    log.info("augment: %d train records + %d variants", len(records), result.metrics["added_total"])
+    return result.metrics

@@ -1,0 +1,221 @@
+"""Span-safe text edits for the augment stage: synonym replacement and clause / sentence reordering.
+
+Every edit is expressed as a list of *pieces* (slices of the old text, or new strings) that are
+concatenated into the new text. Characters carried over keep a map from old to new position, so each
+entity span moves with its characters; an edit never touches a character inside an entity.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from .io import DataError
+
+Piece = tuple[int, int] | str
+SpansByField = dict[str, list[dict]]
+
+CLAUSE_SEPARATORS = frozenset("，,；;")
+SENTENCE_ENDS = frozenset("。！？!?")
+
+
+@dataclass(frozen=True)
+class Edited:
+    """A variant text with its entity spans re-aligned (or `reason` when no variant could be made)."""
+
+    text: str = ""
+    spans: SpansByField | None = None
+    reason: str = ""
+
+
+def assemble(text: str, pieces: list[Piece]) -> tuple[str, list[int]]:
+    """Concatenate `pieces`; return the new text and old index -> new index (-1 for dropped characters)."""
+    out, index_map, pos = [], [-1] * len(text), 0
+    for piece in pieces:
+        if isinstance(piece, str):
+            out.append(piece)
+            pos += len(piece)
+            continue
+        start, end = piece
+        for i in range(start, end):
+            index_map[i] = pos + i - start
+        out.append(text[start:end])
+        pos += end - start
+    return "".join(out), index_map
+
+
+def carry_spans(spans: SpansByField, index_map: list[int], old: str, new: str) -> SpansByField | None:
+    """Move every span through `index_map`; None if one no longer covers its original text."""
+    moved: SpansByField = {}
+    for name, field_spans in spans.items():
+        moved[name] = []
+        for span in field_spans:
+            start, end = span["start"], span["end"]
+            new_start = index_map[start]
+            surface = old[start:end]
+            if new_start < 0 or new[new_start : new_start + len(surface)] != surface:
+                return None
+            moved[name].append({**span, "start": new_start, "end": new_start + len(surface), "text": surface})
+        moved[name].sort(key=lambda s: (s["start"], s["end"]))
+    return moved
+
+
+def protected_mask(text: str, spans: SpansByField) -> list[bool]:
+    """True at every character inside some entity span (edits must leave those alone)."""
+    mask = [False] * len(text)
+    for field_spans in spans.values():
+        for span in field_spans:
+            for i in range(span["start"], span["end"]):
+                mask[i] = True
+    return mask
+
+
+def apply_pieces(text: str, spans: SpansByField, pieces: list[Piece]) -> Edited:
+    """Build the variant from `pieces`, with spans carried along."""
+    new_text, index_map = assemble(text, pieces)
+    if new_text == text:
+        return Edited(reason="unchanged")
+    moved = carry_spans(spans, index_map, text, new_text)
+    if moved is None:
+        return Edited(reason="span_broken")  # a bug guard: edits avoid entities, so this should not happen
+    return Edited(text=new_text, spans=moved)
+
+
+# --- synonyms ------------------------------------------------------------------------------------------
+
+
+class SynonymDictionary:
+    """Synonym groups read from a TSV file; a term's alternatives are all terms sharing a group with it."""
+
+    def __init__(self, groups: list[list[str]]):
+        alternatives: dict[str, set[str]] = {}
+        for group in groups:
+            for term in group:
+                alternatives.setdefault(term, set()).update(t for t in group if t != term)
+        self.alternatives = {term: sorted(alts) for term, alts in alternatives.items()}
+        self.max_len = max((len(t) for t in self.alternatives), default=0)
+
+    @classmethod
+    def from_tsv(cls, path: str | Path) -> SynonymDictionary:
+        """Read the dictionary; a bad line raises DataError naming the file and line."""
+        path = Path(path)
+        if not path.exists():
+            raise DataError(f"{path}: synonym dictionary not found (augment.synonym.dictionary)")
+        groups = []
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            terms = [t.strip() for t in line.split("\t") if t.strip()]
+            if len(terms) < 2:
+                raise DataError(f"{path}:{lineno}: expected at least two TAB-separated terms, got {line!r}")
+            if len(set(terms)) != len(terms):
+                raise DataError(f"{path}:{lineno}: a term is listed twice in one group: {line!r}")
+            groups.append(terms)
+        if not groups:
+            raise DataError(f"{path}: no synonym groups (one group of TAB-separated terms per line)")
+        return cls(groups)
+
+    def find(self, text: str, blocked: list[bool]) -> list[tuple[int, int]]:
+        """Dictionary terms in `text` by forward maximum matching, skipping any that touch a blocked character."""
+        found, i = [], 0
+        while i < len(text):
+            for length in range(min(self.max_len, len(text) - i), 0, -1):
+                if text[i : i + length] in self.alternatives and not any(blocked[i : i + length]):
+                    found.append((i, i + length))
+                    i += length
+                    break
+            else:
+                i += 1
+        return found
+
+
+def synonym_edit(
+    text: str, spans: SpansByField, synonyms: SynonymDictionary, max_replacements: int, rng: random.Random
+) -> Edited:
+    """Replace up to `max_replacements` dictionary terms (never inside an entity) by a random synonym."""
+    matches = synonyms.find(text, protected_mask(text, spans))
+    if not matches:
+        return Edited(reason="no_dictionary_term")
+    chosen = sorted(rng.sample(matches, min(max_replacements, len(matches))))
+    pieces: list[Piece] = []
+    cursor = 0
+    for start, end in chosen:
+        pieces += [(cursor, start), rng.choice(synonyms.alternatives[text[start:end]])]
+        cursor = end
+    pieces.append((cursor, len(text)))
+    return apply_pieces(text, spans, pieces)
+
+
+# --- structure -----------------------------------------------------------------------------------------
+
+
+def _is_separator(text: str, i: int, blocked: list[bool]) -> bool:
+    if text[i] not in CLAUSE_SEPARATORS or blocked[i]:
+        return False
+    # "12,000" is a number, not two clauses
+    return not (0 < i < len(text) - 1 and text[i - 1].isdigit() and text[i + 1].isdigit())
+
+
+def sentences(text: str, blocked: list[bool]) -> list[tuple[int, int, int]]:
+    """(start, body end, end) of each sentence; body end excludes the run of terminators that closes it."""
+    out, start, i = [], 0, 0
+    while i < len(text):
+        if text[i] in SENTENCE_ENDS and not blocked[i]:
+            body_end = i
+            while i < len(text) and text[i] in SENTENCE_ENDS:
+                i += 1
+            out.append((start, body_end, i))
+            start = i
+        else:
+            i += 1
+    if start < len(text):
+        out.append((start, len(text), len(text)))
+    return [s for s in out if s[1] > s[0]]
+
+
+def clauses(text: str, start: int, end: int, blocked: list[bool]) -> list[tuple[int, int]]:
+    """Clause slices of text[start:end] split at unprotected separators; [] if a clause would be empty."""
+    out, cursor = [], start
+    for i in range(start, end):
+        if _is_separator(text, i, blocked):
+            out.append((cursor, i))
+            cursor = i + 1
+    out.append((cursor, end))
+    return out if all(b > a for a, b in out) else []
+
+
+def _shuffled(items: list, rng: random.Random) -> list:
+    order = list(range(len(items)))
+    while order == sorted(order):
+        rng.shuffle(order)
+    return [items[i] for i in order]
+
+
+def _reorder(text: str, slots: list[tuple[int, int]], new_order: list[tuple[int, int]]) -> list[Piece]:
+    """Pieces that put `new_order[k]` where `slots[k]` was, keeping the text between slots in place."""
+    pieces: list[Piece] = []
+    cursor = 0
+    for slot, content in zip(slots, new_order, strict=True):
+        pieces += [(cursor, slot[0]), content]
+        cursor = slot[1]
+    pieces.append((cursor, len(text)))
+    return pieces
+
+
+def structure_edit(text: str, spans: SpansByField, sentence_reorder: bool, rng: random.Random) -> Edited:
+    """Reorder the clauses of one sentence (or, when allowed, the terminated sentences); spans move along."""
+    blocked = protected_mask(text, spans)
+    found = sentences(text, blocked)
+    options: list[list[tuple[int, int]]] = []
+    for start, body_end, _ in found:
+        parts = clauses(text, start, body_end, blocked)
+        if len(parts) >= 2:
+            options.append(parts)
+    terminated = [(s, e) for s, b, e in found if e > b]
+    if sentence_reorder and len(terminated) >= 2:
+        options.append(terminated)  # an unterminated tail stays last so no sentence loses its full stop
+    if not options:
+        return Edited(reason="single_clause")
+    slots = options[rng.randrange(len(options))]
+    return apply_pieces(text, spans, _reorder(text, slots, _shuffled(slots, rng)))
