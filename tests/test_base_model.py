@@ -290,3 +290,17 @@ def test_script_builds_models_base_and_reports(splits, params_copy, tmp_path):
     assert (reports / "example_tokens.png").stat().st_size > 1000
     config = json.loads((tmp_path / "models" / "base" / "config.json").read_text())
     assert config["model_type"] == "deepseek_v3" and config["n_routed_experts"] == 8
+
+
+def test_split_cjk_tokenizes_an_entity_alike_in_text_and_answer():
+    from deepseek_sft.tokenizer_build import train_bpe_tokenizer
+
+    texts = ["帮我给史永转一千元", "史永的卡丢了", "给史永开户", "PER:史永"] * 20
+    tokenizer = train_bpe_tokenizer(
+        texts, vocab_size=400, min_frequency=2, model_max_length=64, split_cjk=True
+    )
+    in_text = tokenizer("帮我给史永转一千元", add_special_tokens=False)["input_ids"]
+    entity = tokenizer("史永", add_special_tokens=False)["input_ids"]
+    assert len(entity) == 2  # one token per character: no merge crosses a CJK character
+    assert any(in_text[i : i + 2] == entity for i in range(len(in_text) - 1))
+    assert tokenizer("10,000元", add_special_tokens=False)["input_ids"].__len__() == 7

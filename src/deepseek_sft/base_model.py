@@ -105,6 +105,7 @@ def build_tiny(
         vocab_size=params.tokenizer.vocab_size,
         min_frequency=params.tokenizer.min_frequency,
         model_max_length=params.max_position_embeddings,
+        split_cjk=params.tokenizer.split_cjk,
     )
     set_seed(seed)  # weights must not depend on how much randomness tokenizer training consumed
     model = DeepseekV3ForCausalLM(tiny_config(params, tokenizer)).to(torch.float32).eval()

@@ -19,6 +19,10 @@ class TinyTokenizerParams(Section):
         default=6000, ge=300, le=200_000, description="target vocabulary size (upper bound)"
     )
     min_frequency: int = Field(default=2, ge=1, description="a pair must occur this often to become a merge")
+    split_cjk: bool = Field(
+        default=False,
+        description="one token per CJK character and digit (entities tokenize alike in text and answer; ~3x more tokens)",
+    )
 
 
 class TinyDeepseekParams(Section):
