@@ -40,8 +40,18 @@ def edit_params(path: Path, updates: dict) -> None:
 
 def copy_repo(dst: Path) -> Path:
     """Copy the git-tracked shape of the repository (no data, models, caches or venv) to `dst`."""
-    ignore = shutil.ignore_patterns(".venv", ".git", "dvc-storage", "__pycache__", ".pytest_cache", ".ruff_cache",
-                                    "dvclive", "*.egg-info", "tmp", "cache")
+    ignore = shutil.ignore_patterns(
+        ".venv",
+        ".git",
+        "dvc-storage",
+        "__pycache__",
+        ".pytest_cache",
+        ".ruff_cache",
+        "dvclive",
+        "*.egg-info",
+        "tmp",
+        "cache",
+    )
     shutil.copytree(REPO, dst, ignore=ignore, dirs_exist_ok=True)
     for generated in ("data", "models", "reports"):
         for path in (dst / generated).rglob("*"):

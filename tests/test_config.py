@@ -40,7 +40,9 @@ def test_string_float_is_refused_with_yaml_hint(params_copy):
 
 def test_out_of_range_names_allowed_range(params_copy):
     edit_params(params_copy, {"label_qa.val_fraction": 0.1})
-    with pytest.raises(ParamsError, match=r"label_qa\.val_fraction: Input should be greater than or equal to 0\.15"):
+    with pytest.raises(
+        ParamsError, match=r"label_qa\.val_fraction: Input should be greater than or equal to 0\.15"
+    ):
         load_section("label_qa")
 
 

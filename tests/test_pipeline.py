@@ -20,7 +20,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.pipeline]
 
 def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     """Run a command in the copy with the project's venv first on PATH and the copy's sources importable."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(cwd / "src")}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "PYTHONPATH": str(cwd / "src"),
+    }
     env.pop("DSFT_PARAMS", None)
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if check and proc.returncode != 0:
@@ -58,7 +62,10 @@ def test_repro_builds_the_splits_and_kappa_metrics(synthetic_project):
     assert all(0.8 <= v <= 1.0 for v in kappas.values())
     assert (root / "reports/label_qa/kappa_heatmap.png").stat().st_size > 10_000
     clean = json.loads((root / "reports/clean/metrics.json").read_text())
-    assert clean["records_in"] == clean["kept"] + clean["rejected"] + clean["duplicates_exact"] + clean["duplicates_near"]
+    assert (
+        clean["records_in"]
+        == clean["kept"] + clean["rejected"] + clean["duplicates_exact"] + clean["duplicates_near"]
+    )
 
 
 def test_second_repro_runs_nothing(synthetic_project):
@@ -82,7 +89,9 @@ def test_exp_show_lists_params_and_label_qa_metrics(synthetic_project):
 
 def test_csv_with_text_and_label_flows_through(tmp_path):
     labels = ["开户", "销户", "挂失"]
-    rows = ["text,label"] + [f"我想办理第{i}号业务，关于{labels[i % 3]}的事情{i * 7},{labels[i % 3]}" for i in range(120)]
+    rows = ["text,label"] + [
+        f"我想办理第{i}号业务，关于{labels[i % 3]}的事情{i * 7},{labels[i % 3]}" for i in range(120)
+    ]
     root = make_project(
         tmp_path,
         {

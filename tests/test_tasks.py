@@ -7,7 +7,9 @@ import pytest
 from deepseek_sft.config import TaskSpec
 from deepseek_sft.tasks import NO_ENTITY, build_messages, format_response, locate_spans, parse_response
 
-INTENT = TaskSpec(type="classification", field="intent", instruction="意图？", labels=["card_loss", "transfer"])
+INTENT = TaskSpec(
+    type="classification", field="intent", instruction="意图？", labels=["card_loss", "transfer"]
+)
 ENTITIES = TaskSpec(type="extraction", field="entities", instruction="实体？", entity_types=["ORG", "MONEY"])
 SUMMARY = TaskSpec(type="generation", field="summary", instruction="摘要？")
 

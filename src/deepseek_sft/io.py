@@ -80,7 +80,9 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}); expected one JSON object per line") from e
+            raise DataError(
+                f"{path}:{lineno}: invalid JSON ({e.msg}); expected one JSON object per line"
+            ) from e
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         records.append(obj)

@@ -41,7 +41,7 @@ def format_response(task: TaskSpec, record: dict) -> str:
     value = record[task.field]
     if task.type == "extraction":
         ordered = sorted(value, key=lambda s: (s["start"], s["end"]))
-        items = [f"{s['type']}{TYPE_SEP}{record['text'][s['start']:s['end']]}" for s in ordered]
+        items = [f"{s['type']}{TYPE_SEP}{record['text'][s['start'] : s['end']]}" for s in ordered]
         return ITEM_SEP.join(items) if items else NO_ENTITY
     return str(value)
 

@@ -40,7 +40,9 @@ def _looks_like_number(text: str) -> bool:
     return True
 
 
-def format_validation_error(err: ValidationError, prefix: str = "", source: str = "params.yaml") -> ParamsError:
+def format_validation_error(
+    err: ValidationError, prefix: str = "", source: str = "params.yaml"
+) -> ParamsError:
     """Turn a pydantic error into one ParamsError listing every bad key on its own line."""
     lines = [_describe(e, prefix) for e in err.errors()]
     return ParamsError(f"{source}: invalid parameters:\n  " + "\n  ".join(lines))

@@ -109,7 +109,10 @@ class CleanParams(Section):
     max_chars: int = Field(default=512, ge=1, description="longer texts are rejected")
     dedup_exact: bool = Field(default=True, description="drop exact duplicate texts")
     near_dup_threshold: float | None = Field(
-        default=0.9, ge=0.5, le=1.0, description="MinHash Jaccard above which texts are near-duplicates; null=off"
+        default=0.9,
+        ge=0.5,
+        le=1.0,
+        description="MinHash Jaccard above which texts are near-duplicates; null=off",
     )
 
     @model_validator(mode="after")
@@ -122,9 +125,15 @@ class CleanParams(Section):
 class LabelQaParams(Section):
     """Stage label_qa: agreement gate, adjudication, split."""
 
-    kappa_threshold: float = Field(default=0.8, ge=0.0, le=1.0, description="min Cohen's kappa per pair/layer")
-    on_fail: Literal["error", "warn"] = Field(default="error", description="what a kappa below threshold does")
-    exclude_annotators: list[str] = Field(default_factory=list, description="annotators left out of QA and votes")
+    kappa_threshold: float = Field(
+        default=0.8, ge=0.0, le=1.0, description="min Cohen's kappa per pair/layer"
+    )
+    on_fail: Literal["error", "warn"] = Field(
+        default="error", description="what a kappa below threshold does"
+    )
+    exclude_annotators: list[str] = Field(
+        default_factory=list, description="annotators left out of QA and votes"
+    )
     val_fraction: float = Field(default=0.15, ge=0.15, le=0.5, description="validation share (>= 0.15)")
     test_fraction: float = Field(default=0.15, ge=0.05, le=0.5, description="test share")
     stratify_by: str | None = Field(default="intent", description="label field to stratify on; null = none")

@@ -13,7 +13,7 @@ class MaxNewTokens(Section):
     """Generation budget per task type: short, because greedy decoding stops at EOS anyway."""
 
     classification: int = Field(default=8, ge=1, le=512, description="new tokens for a label answer")
-    extraction: int = Field(default=48, ge=1, le=2048, description="new tokens for an entity list answer")
+    extraction: int = Field(default=32, ge=1, le=2048, description="new tokens for an entity list answer")
     generation: int = Field(default=128, ge=1, le=4096, description="new tokens for a free-text answer")
 
 
@@ -64,12 +64,31 @@ class EvaluateParams(Section):
         description="over-long perplexity examples (as sft_data): cut the text, drop, or fail",
     )
     max_new_tokens: MaxNewTokens = Field(default_factory=MaxNewTokens)
+    rebatch_every: int | None = Field(
+        default=8,
+        ge=1,
+        le=4096,
+        description="every N new tokens finished rows leave the batch (same tokens, less compute); null = never",
+    )
+    stop_when_unparseable: bool = Field(
+        default=True,
+        description="end a label/entity answer once no continuation can parse (same scores, less compute)",
+    )
     limit: int | None = Field(
         default=None, ge=1, description="evaluate only the first N test records; null = all"
     )
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto = cuda when available")
     num_threads: int | None = Field(
-        default=None, ge=1, le=512, description="torch CPU threads; null = default"
+        default=1,
+        ge=1,
+        le=512,
+        description="torch CPU threads per evaluating process; null = torch default (all cores)",
+    )
+    workers: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="on CPU, models evaluated in parallel processes (each num_threads); 1 = in this process",
     )
     error_examples: int = Field(default=50, ge=1, le=100000, description="examples kept per error kind")
     efficiency: EfficiencyParams = Field(default_factory=EfficiencyParams)

@@ -1,0 +1,116 @@
+"""The compress stage: build each variant, evaluate it like the SFT model, compare, report, then gate.
+
+Outputs:
+  models/compressed/<method>/        one loadable checkpoint per method (quantize, prune, expert_prune, distill)
+  reports/compress/metrics.json      flat `<method>_<metric>` numbers (size ratio, speed-ups, F1 deltas, gates)
+  reports/compress/comparison.{csv,md}, {size,latency}_vs_f1.csv, plots/{size,latency}_vs_f1.png
+  reports/compress/details.json      build details (e.g. router load and kept experts) and full eval metrics
+Reports are written before the gates are enforced, so a failing run still shows why.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from ..config.compress import CompressParams
+from ..config.data import TaskSpec
+from ..config.evaluate import EvaluateParams
+from ..config.train import TrainParams
+from ..io import write_json, write_metrics
+from . import compare as C
+from . import gates as G
+from .variants import build_variant
+
+log = logging.getLogger(__name__)
+
+
+def load_any(path, **load_options):
+    """A model directory as (model, tokenizer): compressed checkpoints via load_compressed, others as usual."""
+    from ..base_model import load_model_and_tokenizer
+    from .storage import is_compressed, load_compressed
+
+    if is_compressed(path):
+        return load_compressed(path, **load_options)
+    return load_model_and_tokenizer(path, **load_options)
+
+
+def evaluate_dir(model_dir, name, test, tasks, eval_params: EvaluateParams, load_options: dict, seed: int):
+    """The evaluate stage's code path on one model directory (load, then evaluate_loaded with its disk size)."""
+    from ..evaluate.core import evaluate_loaded, resolve_device
+
+    model, tokenizer = load_any(model_dir, **load_options)
+    model.to(resolve_device(eval_params.device))
+    result = evaluate_loaded(
+        model, tokenizer, test, tasks, eval_params, name=name, model_dir=model_dir, seed=seed
+    )
+    result.efficiency["params_held"] = params_held(model)
+    return result
+
+
+def params_held(model) -> int:
+    """Weights a model holds: parameters (tied ones once) plus int8 weight buffers of quantized modules."""
+    int8 = sum(b.numel() for n, b in model.named_buffers() if b.dtype == torch.int8 and n.endswith("_int8"))
+    return sum(p.numel() for p in model.parameters()) + int8
+
+
+def run_compress(
+    sft_dir: str | Path,
+    train: list[dict],
+    test: list[dict],
+    tasks: dict[str, TaskSpec],
+    params: CompressParams,
+    eval_params: EvaluateParams,
+    *,
+    seed: int,
+    out_root: str | Path,
+    reports_dir: str | Path,
+    load_options: dict | None = None,
+    train_params: TrainParams | None = None,
+) -> dict[str, float]:
+    """Run the stage; returns the flat metrics. Raises GateError (after writing reports) when a gate fails.
+
+    `train_params` (params `train`: DeepSpeed config, precision...) drive the recovery and distillation runs.
+    """
+    started = time.perf_counter()
+    load_options = load_options or {}
+    out_root, reports_dir = Path(out_root), Path(reports_dir)
+    if params.eval_limit:
+        eval_params = eval_params.model_copy(update={"limit": params.eval_limit})
+    log.info("evaluating the SFT reference %s", sft_dir)
+    reference = evaluate_dir(sft_dir, "sft", test, tasks, eval_params, load_options, seed).flat()
+
+    def load(path):
+        return load_any(path, **load_options)
+
+    comparisons, builds, evaluations, outcomes = {}, {}, {"sft": reference}, []
+    for method in params.methods:
+        out_dir = out_root / method
+        log.info("building %s -> %s", method, out_dir)
+        builds[method] = build_variant(
+            method, load, sft_dir, out_dir, params, train, tasks, seed, train_params
+        )
+        result = evaluate_dir(out_dir, method, test, tasks, eval_params, load_options, seed)
+        evaluations[method] = result.flat()
+        comparisons[method] = G.compare_to_reference(reference, evaluations[method], tasks)
+        comparisons[method]["eval_s"] = result.efficiency["total_s"]
+        outcomes.append(G.check_gate(method, comparisons[method], getattr(params, method).gate))
+    passed = {o.method: o.passed for o in outcomes}
+    sft_row = G.compare_to_reference(reference, reference, tasks)
+    C.write_comparison(C.table_rows(comparisons, sft_row, passed), reports_dir)
+    numeric_builds = {m: {k: v for k, v in b.items() if k != "details"} for m, b in builds.items()}
+    metrics = C.flat_metrics(comparisons, passed, numeric_builds)
+    metrics |= {"sft_f1": sft_row["f1"], "sft_size_weights_mb": sft_row["size_weights_mb"]}
+    metrics |= {"sft_decode_ms_per_token": sft_row["decode_ms_per_token"]}
+    metrics["seconds"] = time.perf_counter() - started
+    write_metrics(reports_dir / "metrics.json", metrics)
+    write_json(
+        reports_dir / "details.json",
+        {"builds": builds, "evaluations": evaluations, "gates": [o.__dict__ for o in outcomes]},
+    )
+    log.info("compress stage: %d variant(s) in %.1fs", len(params.methods), metrics["seconds"])
+    G.enforce(outcomes, params.on_fail)
+    return metrics

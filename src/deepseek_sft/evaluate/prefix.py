@@ -1,0 +1,57 @@
+"""Can a partial answer still parse? Lets generation stop a row as soon as its answer is certain to be wrong.
+
+`viable_prefix(task, text)` is False only when *no* continuation of `text` can satisfy
+tasks.parse_response, so stopping there never changes a score: the answer is unparseable either way
+(it is still kept and listed). It errs on the side of True. This matters most for an untrained base model,
+whose random tokens would otherwise run to max_new_tokens on every prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from ..config.data import TaskSpec
+from ..tasks import ITEM_SEP, NO_ENTITY, TYPE_SEP
+
+REPLACEMENT = "\ufffd"  # a multi-byte character cut between byte-level tokens decodes to this, for now
+
+
+def _complete_or_prefix(text: str, options: Sequence[str]) -> bool:
+    # text may still grow into an option, or is an option followed only by whitespace (parse strips it)
+    return any(
+        opt.startswith(text) or (text.startswith(opt) and not text[len(opt) :].strip()) for opt in options
+    )
+
+
+def _viable_item(item: str, types: Sequence[str] | None, last: bool) -> bool:
+    kind, sep, surface = item.partition(TYPE_SEP)
+    kind = kind.strip()
+    if not sep:  # still typing the type (only the last item may be unfinished)
+        return last and (not kind or types is None or any(t.startswith(kind) for t in types))
+    if not kind or (types is not None and kind not in types):
+        return False
+    return last or bool(surface.strip())
+
+
+def viable_prefix(task: TaskSpec, text: str) -> bool:
+    """False only if every continuation of the partial answer `text` fails tasks.parse_response."""
+    text = text.lstrip().rstrip(REPLACEMENT)
+    if task.type == "classification":
+        return task.labels is None or _complete_or_prefix(text, task.labels)
+    if task.type != "extraction" or not text or _complete_or_prefix(text, [NO_ENTITY]):
+        return True
+    items = text.split(ITEM_SEP)
+    return all(
+        _viable_item(item, task.entity_types, last=i == len(items) - 1) for i, item in enumerate(items)
+    )
+
+
+def answer_stop(task: TaskSpec, tokenizer) -> Callable[[Sequence[int]], bool] | None:
+    """A stop test on answer tokens (True = can no longer parse), or None for free-text tasks."""
+    if task.type == "generation" or (task.type == "classification" and task.labels is None):
+        return None
+
+    def stop(tokens: Sequence[int]) -> bool:
+        return not viable_prefix(task, tokenizer.decode(list(tokens), skip_special_tokens=True))
+
+    return stop

@@ -1,0 +1,186 @@
+"""Process setup for training: threads, launch checks, DeepSpeed config, precision, dropout, TrainingArguments."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config.base import ParamsError
+from ..config.train import TRAINING_ARGUMENTS, TrainParams
+
+log = logging.getLogger(__name__)
+
+DROPOUT_KEYS = (
+    "attention_dropout",
+    "hidden_dropout",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+)
+
+
+def configure_threads(params: TrainParams) -> int:
+    """Set torch (and OpenMP) threads per process: threads_per_process, or usable cores / num_processes.
+
+    OMP_NUM_THREADS is exported too: accelerate otherwise resets torch's thread count on CPU-distributed runs.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = params.threads_per_process or max(1, cores // params.num_processes)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def local_process_count() -> int:
+    """Processes started on this node by the launcher (deepspeed: LOCAL_SIZE, torchrun: LOCAL_WORLD_SIZE)."""
+    return int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
+
+
+def check_launch(params: TrainParams) -> None:
+    """The launcher must start train.num_processes processes, and DeepSpeed needs a process-group env."""
+    launched = local_process_count()
+    if launched != params.num_processes:
+        raise ParamsError(
+            f"train.num_processes={params.num_processes} but {launched} process(es) were launched on this node; "
+            f"launch with `deepspeed --num_gpus {params.num_processes} scripts/train.py ...` (as dvc.yaml does) "
+            "or change train.num_processes"
+        )
+    if params.deepspeed is not None and "RANK" not in os.environ:
+        # `python scripts/train.py` with a DeepSpeed config: a one-process group on localhost.
+        defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+        for key, value in {**defaults, "MASTER_PORT": str(_free_port())}.items():
+            os.environ.setdefault(key, value)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_deepspeed_config(path: str | None) -> dict | None:
+    """The DeepSpeed JSON config (None for a plain run), with a clear error if it is missing or invalid."""
+    if path is None:
+        return None
+    file = Path(path)
+    if not file.is_file():
+        raise ParamsError(
+            f"train.deepspeed={path!r}: no such file; the shipped ones are configs/deepspeed/*.json"
+        )
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ParamsError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
+    if "zero_optimization" not in config:
+        raise ParamsError(f"{path}: expected a 'zero_optimization' section")
+    for section in ("optimizer", "scheduler"):
+        if section in config:
+            # params.train is the single source of truth, and progressive unfreezing needs the Trainer's
+            # optimizer groups (a DeepSpeed-built optimizer gets one flat group).
+            raise ParamsError(
+                f"{path}: remove the {section!r} section; it comes from params.train (AdamW - DeepSpeedCPUAdam "
+                "under ZeRO-Offload - and lr_scheduler_type / warmup_steps)"
+            )
+    return config
+
+
+def init_deepspeed_comm() -> None:
+    """Attach deepspeed.comm to the process group accelerate created.
+
+    On CPU accelerate sets up torch.distributed (gloo) itself and leaves deepspeed.comm alone, so ZeRO-3's
+    zero.Init (run by from_pretrained) would see a world of 1 and reject the batch size.
+    """
+    import deepspeed
+
+    if not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed()  # backend from the accelerator: gloo on CPU, nccl on CUDA
+
+
+def zero_stage(config: dict | None) -> int:
+    """The ZeRO stage of a DeepSpeed config (0 for a plain run)."""
+    return int((config or {}).get("zero_optimization", {}).get("stage", 0))
+
+
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU has native bf16 (AVX512-BF16 / AMX), the condition for bf16 to pay off on CPU."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(params: TrainParams) -> tuple[bool, bool, list[str]]:
+    """(bf16, fp16) this hardware can run, and notes for any request that had to be turned off."""
+    notes = []
+    bf16, fp16 = params.bf16, params.fp16
+    cuda = torch.cuda.is_available()
+    if fp16 and not cuda:
+        fp16 = False
+        notes.append("fp16 requested but there is no CUDA device: training in float32")
+    if bf16 and not (torch.cuda.is_bf16_supported() if cuda else cpu_bf16_supported()):
+        bf16 = False
+        notes.append("bf16 requested but this hardware has no native bf16: training in float32")
+    for note in notes:
+        log.warning(note)
+    return bf16, fp16, notes
+
+
+def set_dropout(model: nn.Module, p: float) -> dict[str, float]:
+    """Set dropout on the config and on the built modules (they copied the value at init); return old values."""
+    old = {}
+    for key in DROPOUT_KEYS:
+        value = getattr(model.config, key, None)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            old[key] = float(value)
+            setattr(model.config, key, p)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = p
+    return old
+
+
+def restore_config(model: nn.Module, old: dict[str, float]) -> None:
+    """Put config values back (models/sft should describe the model, not the training regularisation)."""
+    for key, value in old.items():
+        setattr(model.config, key, value)
+
+
+def training_arguments(params: TrainParams, seed: int, output_dir: Path, precision: tuple[bool, bool]):
+    """TrainingArguments from params.train (same field names) plus the stage's fixed choices.
+
+    Create it before loading the model: under ZeRO-3 transformers then loads straight into partitions.
+    """
+    from transformers import TrainingArguments
+
+    fields = {name: getattr(params, name) for name in TRAINING_ARGUMENTS}
+    fields["bf16"], fields["fp16"] = precision
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        **fields,
+        seed=seed,
+        data_seed=seed,
+        deepspeed=params.deepspeed,
+        use_cpu=not torch.cuda.is_available(),
+        eval_strategy="steps" if params.eval_steps else "no",
+        eval_steps=params.eval_steps,
+        save_strategy="steps",
+        logging_first_step=True,
+        report_to="none",  # dvclive is added as a callback, keyed by global step
+        prediction_loss_only=True,
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        disable_tqdm=False,
+        log_level="info",
+        log_level_replica="warning",
+        dataloader_num_workers=0,
+    )

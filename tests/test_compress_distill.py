@@ -1,0 +1,120 @@
+"""Distillation: student size, the KL term, a short run through the Trainer that saves a loadable student."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DeepseekV3Config
+
+import deepseek_sft.base_model as bm
+from deepseek_sft.compress import distill as D
+from deepseek_sft.compress.trainer import fine_tune
+from deepseek_sft.config.compress import StudentParams
+from deepseek_sft.config.model import TinyDeepseekParams
+from deepseek_sft.sft_data import IGNORE_INDEX, build_examples, make_collator
+from test_compress import tasks, tiny_model
+
+torch.set_num_threads(2)
+
+
+def _meta_count(config) -> int:
+    with torch.device("meta"):
+        return D.parameter_count(AutoModelForCausalLM.from_config(config))
+
+
+def test_default_student_is_about_8x_smaller_than_the_default_teacher():
+    tiny = TinyDeepseekParams()
+    teacher = DeepseekV3Config(
+        **tiny.model_dump(exclude={"tokenizer", "rope_theta"}),
+        vocab_size=tiny.tokenizer.vocab_size,
+        num_key_value_heads=tiny.num_attention_heads,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+    )
+    student = D.student_config(teacher, StudentParams())
+    ratio = _meta_count(teacher) / _meta_count(student)
+    assert 7.5 < ratio < 9.0
+    assert student.vocab_size == teacher.vocab_size and student.head_dim == 8 and student.tie_word_embeddings
+
+
+def test_kl_term_is_zero_for_equal_logits_scaled_by_t_squared_and_masked():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    labels = torch.tensor(
+        [[IGNORE_INDEX, IGNORE_INDEX, 3, 4, 5], [IGNORE_INDEX, 1, 2, IGNORE_INDEX, IGNORE_INDEX]]
+    )
+    assert D.response_kl(teacher, teacher, labels, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    kl1 = D.response_kl(student, teacher, labels, 1.0)
+    assert kl1 > 0
+    # positions whose next label is masked do not count: changing them changes nothing
+    changed = student.clone()
+    changed[0, 0] += 5.0  # predicts labels[0, 1] = IGNORE
+    assert D.response_kl(changed, teacher, labels, 1.0) == pytest.approx(kl1.item())
+    # reference: mean over the 4 response positions of sum_v p_t (log p_t - log p_s), times T^2
+    t_t = 3.0
+    rows = [(0, 1), (0, 2), (0, 3), (1, 0), (1, 1)]
+    rows = [(b, i) for b, i in rows if labels[b, i + 1] != IGNORE_INDEX]
+    ref = sum(
+        torch.sum(
+            torch.softmax(teacher[b, i] / t_t, -1)
+            * (torch.log_softmax(teacher[b, i] / t_t, -1) - torch.log_softmax(student[b, i] / t_t, -1))
+        ).item()
+        for b, i in rows
+    ) / len(rows)
+    assert D.response_kl(student, teacher, labels, t_t).item() == pytest.approx(ref * t_t**2, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_short_distillation_run_trains_and_saves_a_loadable_student(tmp_path):
+    teacher, tokenizer, train = tiny_model(n_records=30)
+    small = StudentParams(
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_attention_heads=2,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+    )
+    student = D.build_student(teacher, small, seed=0)
+    assert D.parameter_count(teacher) / D.parameter_count(student) > 3
+    with torch.no_grad():  # a random teacher is near-uniform; make it opinionated so there is much to learn
+        teacher.lm_head.weight.mul_(40.0)
+    examples, _ = build_examples(train, tasks(), tokenizer, 128)
+    batch = make_collator(tokenizer)(examples[:16])
+
+    def kl_now() -> float:
+        with torch.no_grad():
+            return D.response_kl(
+                student(**batch).logits, teacher(**batch).logits, batch["labels"], 2.0
+            ).item()
+
+    before = kl_now()
+    trainer, stats = fine_tune(
+        student,
+        tokenizer,
+        examples,
+        max_steps=6,
+        learning_rate=1e-2,
+        batch_size=8,
+        seed=0,
+        trainer_class=D.distill_trainer_class(),
+        teacher=teacher,
+        temperature=2.0,
+        alpha=0.9,
+    )
+    assert stats["steps"] == 6 and len(trainer.loss_parts["kl"]) == 6
+    assert all(math.isfinite(v) and v >= 0 for v in trainer.loss_parts["kl"])
+    assert kl_now() < 0.95 * before  # the student moved towards the teacher
+    assert all(not p.requires_grad for p in teacher.parameters())
+    from deepseek_sft.compress.storage import save_plain
+
+    save_plain(student, tokenizer, tmp_path / "distill", {"dsft_distillation": {"steps": 4}})
+    loaded, loaded_tok = bm.load_model_and_tokenizer(tmp_path / "distill")
+    assert loaded_tok.get_vocab() == tokenizer.get_vocab()
+    ids = torch.tensor([tokenizer("转账失败了")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, student.eval()(ids).logits, atol=1e-5)

@@ -1,0 +1,157 @@
+"""Evaluate stage: batched greedy generation (identical to a naive loop, and faster), perplexity, latency."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+from deepseek_sft.base_model import load_model_and_tokenizer
+from deepseek_sft.config import load_section
+from deepseek_sft.config.evaluate import EvaluateParams
+from deepseek_sft.evaluate.core import evaluate_model
+from deepseek_sft.evaluate.efficiency import PeakMemory, measure_latency, size_on_disk
+from deepseek_sft.evaluate.generate import (
+    cut_at_eos,
+    decode_answers,
+    eos_token_ids,
+    generate_batched,
+    generate_naive,
+    left_pad,
+)
+from deepseek_sft.evaluate.perplexity import perplexity_by_task, response_nll
+from deepseek_sft.evaluate.prefix import answer_stop, viable_prefix
+from deepseek_sft.sft_data import build_examples, encode_prompt
+from test_evaluate import make_tiny_models, processed_records
+
+torch.set_num_threads(1)  # tiny matrices: extra OpenMP threads only add sync (and stall on shared cores)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    return make_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_models):
+    model, tokenizer = load_model_and_tokenizer(tiny_models["sft"])
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return load_section("evaluate").tasks
+
+
+def test_left_pad_puts_every_prompt_at_the_right_edge():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0, device="cpu")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_cut_at_eos():
+    assert cut_at_eos([4, 5, 2, 6, 2], eos_ids=[2]) == [4, 5]
+    assert cut_at_eos([4, 5], eos_ids=[2]) == [4, 5]
+
+
+def test_batched_generation_equals_naive_loop_and_is_faster(loaded, tasks):
+    model, tokenizer = loaded
+    records = processed_records(32, seed=9)
+    generate_batched(model, tokenizer, [[1, 2, 3]] * 4, 2, 4)  # warm-up (allocator, kernels)
+    batched_s = naive_s = 0.0
+    for name in ("intent", "entities"):
+        prompts = [encode_prompt(tokenizer, tasks[name], r["text"]) for r in records]
+        assert len({len(p) for p in prompts}) > 5  # different lengths: left padding really happens
+        for stop in (None, answer_stop(tasks[name], tokenizer)):
+            started = time.perf_counter()
+            naive = generate_naive(model, tokenizer, prompts, max_new_tokens=12, stop=stop)
+            naive_s += time.perf_counter() - started
+            for rebatch in (None, 4):  # one generate() per batch, or finished rows leaving every 4 tokens
+                started = time.perf_counter()
+                batched = generate_batched(
+                    model, tokenizer, prompts, 12, 64, stop=stop, rebatch_every=rebatch
+                )
+                batched_s += (time.perf_counter() - started) / 2
+                assert batched == naive, (name, stop, rebatch)
+            assert decode_answers(tokenizer, batched) == decode_answers(tokenizer, naive)
+    assert naive_s >= 5 * batched_s, f"batched {batched_s:.2f}s vs naive {naive_s:.2f}s"
+
+
+def test_generation_stops_once_the_answer_cannot_parse(loaded, tasks):
+    model, tokenizer = loaded  # untrained: its answers are garbage
+    task = tasks["entities"]
+    prompts = [encode_prompt(tokenizer, task, r["text"]) for r in processed_records(16, seed=9)]
+    full = generate_batched(model, tokenizer, prompts, max_new_tokens=12, batch_size=16)
+    stopped = generate_batched(model, tokenizer, prompts, 12, 16, stop=answer_stop(task, tokenizer))
+    assert sum(map(len, stopped)) < sum(map(len, full))
+    for short, long in zip(stopped, full, strict=True):
+        assert long[: len(short)] == short  # the same greedy tokens, only fewer
+        text = decode_answers(tokenizer, [short])[0]
+        assert not viable_prefix(task, text) or len(short) == len(long)
+        assert all(viable_prefix(task, decode_answers(tokenizer, [short[:k]])[0]) for k in range(len(short)))
+
+
+def test_generation_stops_at_eos(loaded):
+    model, tokenizer = loaded
+    eos = eos_token_ids(model, tokenizer)
+    # force EOS: bias the head towards the EOS token so every row ends after one token
+    with torch.no_grad():
+        saved = model.lm_head.weight.clone()
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[eos[0]] = 1.0
+        try:
+            prompts = [[tokenizer.bos_token_id, 10, 11], [tokenizer.bos_token_id, 12]]
+            assert generate_batched(model, tokenizer, prompts, 20, 2) == [[], []]
+            assert generate_naive(model, tokenizer, prompts, 20) == [[], []]
+        finally:
+            model.lm_head.weight.copy_(saved)
+
+
+def test_response_perplexity_matches_the_model_loss(loaded, tasks):
+    model, tokenizer = loaded
+    examples, _ = build_examples(processed_records(6, seed=9), tasks, tokenizer, 512, "truncate")
+    nll = response_nll(model, examples, tokenizer.pad_token_id, batch_size=4)
+    for ex, (total, n) in zip(examples[:5], nll[:5], strict=False):
+        assert n == sum(label != -100 for label in ex["labels"])  # every response token is scored
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([ex["input_ids"]]), labels=torch.tensor([ex["labels"]]))
+        assert total / n == pytest.approx(float(out.loss), rel=1e-4)
+    ppl = perplexity_by_task(examples, nll)
+    assert set(ppl) == set(tasks)
+    total = sum(t for (t, _), ex in zip(nll, examples, strict=True) if ex["task"] == "intent")
+    count = sum(c for (_, c), ex in zip(nll, examples, strict=True) if ex["task"] == "intent")
+    assert ppl["intent"]["perplexity"] == pytest.approx(math.exp(total / count))
+
+
+def test_latency_and_memory(loaded, tasks, tiny_models):
+    model, tokenizer = loaded
+    prompts = [encode_prompt(tokenizer, tasks["intent"], r["text"]) for r in processed_records(3, seed=9)]
+    with PeakMemory() as memory:
+        lat = measure_latency(
+            model, prompts, decode_tokens=4, warmup=1, eos_ids=eos_token_ids(model, tokenizer)
+        )
+    assert lat["latency_samples"] == 3
+    assert 0 < lat["prefill_ms_per_token_p50"] <= lat["prefill_ms_per_token_p95"]
+    assert 0 < lat["decode_ms_per_token_p50"] <= lat["decode_ms_per_token_p95"]
+    assert lat["decode_tokens_per_s"] == pytest.approx(1000 / lat["decode_ms_per_token_mean"])
+    assert memory.stats()["peak_rss_mb"] > 50
+    sizes = size_on_disk(tiny_models["sft"])
+    assert 0 < sizes["size_weights_bytes"] < sizes["size_dir_bytes"]
+
+
+def test_evaluate_model_is_deterministic_and_complete(tiny_models, tasks):
+    params = EvaluateParams(
+        limit=6,
+        batch_size=4,
+        max_new_tokens={"classification": 3, "extraction": 5},
+        efficiency={"samples": 1, "decode_tokens": 2, "warmup": 0},
+    )
+    records = processed_records(10, seed=9)
+    first = evaluate_model(tiny_models["base"], records, tasks, params, name="base")
+    second = evaluate_model(tiny_models["base"], records, tasks, params, name="base")
+    assert len(first.rows) == 6 * 3
+    assert [r["answer"] for r in first.rows] == [r["answer"] for r in second.rows]
+    assert first.metrics["intent"]["perplexity"] == second.metrics["intent"]["perplexity"]
+    assert first.efficiency["generated_tokens"] > 0
