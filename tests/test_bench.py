@@ -152,6 +152,7 @@ def test_ratios_overhead_and_layout_from_a_fake_result_set():
     r = ratios(runs, aliases)
     assert r["tokens_per_second_a_over_b"] == 3.0
     assert r["tokens_per_second_a_over_c"] == 4.0
+    assert r["tokens_per_cpu_second_a_over_b"] == 1.5  # a used 2 processes for its 1 s: 3000 per CPU-second
     assert r["heldout_loss_a_minus_b"] == pytest.approx(-0.1)
     assert r["heldout_loss_a_minus_c"] == pytest.approx(0.1)
     overhead = deepspeed_overhead(runs, aliases)

@@ -118,3 +118,30 @@ def test_short_distillation_run_trains_and_saves_a_loadable_student(tmp_path):
     ids = torch.tensor([tokenizer("转账失败了")["input_ids"]])
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, student.eval()(ids).logits, atol=1e-5)
+
+
+def test_student_embeddings_start_from_the_teachers_principal_directions():
+    teacher, _, _ = tiny_model(n_records=20)
+    same_width = StudentParams(
+        hidden_size=64,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_attention_heads=2,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+    )
+    student = D.build_student(teacher, same_width, seed=0)
+    assert D.init_from_teacher(student, teacher) == pytest.approx(1.0)
+    # at full width the projection is a rotation: every dot product between token embeddings is kept
+    e_t, e_s = teacher.get_input_embeddings().weight, student.get_input_embeddings().weight
+    assert torch.allclose(e_s @ e_s.T, e_t @ e_t.T, atol=1e-5)
+    assert student.lm_head.weight is e_s  # tied: the head starts from the same table
+    narrow = D.build_student(teacher, same_width.model_copy(update={"hidden_size": 16}), seed=0)
+    kept = D.init_from_teacher(narrow, teacher)
+    assert 16 / 64 < kept < 1.0  # the top directions hold more than their share of the energy
+    assert narrow.get_input_embeddings().weight.pow(2).mean().item() == pytest.approx(
+        e_t.pow(2).mean().item(), rel=1e-4
+    )

@@ -446,13 +446,13 @@ def test_zero3_offload_killed_mid_run_resumes_from_the_last_checkpoint(tmp_path,
     }
     proc = launch(tmp_path, base_models["v3"], train_data, **train)
     checkpoints = tmp_path / "checkpoints"
-    deadline = time.time() + 300
+    deadline = time.time() + 900  # generous: CI machines may be loaded
     while (
         ckpt.latest_checkpoint(checkpoints) is None
         or ckpt.resumed_step(ckpt.latest_checkpoint(checkpoints)) < 8
     ):
         assert proc.poll() is None, (tmp_path / "train.log").read_text()[-4000:]
-        assert time.time() < deadline, "no checkpoint within 300 s"
+        assert time.time() < deadline, "no checkpoint within 900 s"
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks: a crash, no clean shutdown
     proc.wait()

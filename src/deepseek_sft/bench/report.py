@@ -37,17 +37,23 @@ def _rate(runs: dict, aliases: dict, role: str) -> float | None:
     return run.get("tokens_per_second") or None
 
 
+def _cpu_rate(runs: dict, aliases: dict, role: str) -> float | None:
+    return runs.get(aliases.get(role, ""), {}).get("tokens_per_cpu_second") or None
+
+
 def _loss(runs: dict, aliases: dict, role: str) -> float | None:
     return runs.get(aliases.get(role, ""), {}).get("heldout_loss")
 
 
 def ratios(runs: dict[str, dict], aliases: dict[str, str]) -> dict[str, float | None]:
-    """a/b and a/c of real tokens/s, and the held-out loss differences a - b and a - c (<= 0 is as good)."""
+    """a/b and a/c of real tokens/s (and of tokens per CPU-second, the view less skewed by other processes
+    sharing the cores), and the held-out loss differences a - b and a - c (<= 0: a is as good or better)."""
     out: dict[str, float | None] = {}
-    a = _rate(runs, aliases, "a")
+    a, a_cpu = _rate(runs, aliases, "a"), _cpu_rate(runs, aliases, "a")
     for other in ("b", "c"):
-        rate = _rate(runs, aliases, other)
+        rate, cpu = _rate(runs, aliases, other), _cpu_rate(runs, aliases, other)
         out[f"tokens_per_second_a_over_{other}"] = round(a / rate, 4) if a and rate else None
+        out[f"tokens_per_cpu_second_a_over_{other}"] = round(a_cpu / cpu, 4) if a_cpu and cpu else None
         la, lo = _loss(runs, aliases, "a"), _loss(runs, aliases, other)
         out[f"heldout_loss_a_minus_{other}"] = (
             round(la - lo, 5) if la is not None and lo is not None else None
@@ -83,7 +89,14 @@ def flat_metrics(report: dict) -> dict[str, float]:
     flat: dict[str, float] = {}
     for role in ("a", "b", "c"):
         run = report["runs"].get(report["aliases"].get(role, ""), {})
-        for key in ("tokens_per_second", "padding_fraction", "mfu", "heldout_loss", "max_rss_mb"):
+        for key in (
+            "tokens_per_second",
+            "tokens_per_cpu_second",
+            "padding_fraction",
+            "mfu",
+            "heldout_loss",
+            "max_rss_mb",
+        ):
             if isinstance(run.get(key), int | float):
                 flat[f"{role}_{key}"] = run[key]
     for key, value in {**report["ratios"], **report["deepspeed_overhead"]}.items():

@@ -45,6 +45,30 @@ def build_student(teacher: nn.Module, student: StudentParams, seed: int) -> nn.M
     return model
 
 
+@torch.no_grad()
+def init_from_teacher(student: nn.Module, teacher: nn.Module) -> float:
+    """Start the student's embedding table (and an untied lm_head) from the teacher's, projected onto the top
+    `student.hidden_size` principal directions of the teacher's embedding (SVD), per-coordinate RMS kept.
+
+    Only the vocabulary tables carry over: the student's width differs, and they are most of its parameters.
+    Returns the share of the teacher embedding's energy the projection keeps.
+    """
+    embedding = teacher.get_input_embeddings().weight.float()
+    _, singular, vh = torch.linalg.svd(embedding, full_matrices=False)
+    width = student.config.hidden_size
+    basis = vh[:width].T  # [teacher hidden, student hidden]
+    targets = [(student.get_input_embeddings().weight, embedding)]
+    if not student.config.tie_word_embeddings and student.get_output_embeddings() is not None:
+        targets.append(
+            (student.get_output_embeddings().weight, teacher.get_output_embeddings().weight.float())
+        )
+    for weight, source in targets:
+        projected = source @ basis
+        projected *= source.pow(2).mean().sqrt() / projected.pow(2).mean().sqrt().clamp(min=1e-12)
+        weight.copy_(projected.to(weight.dtype))
+    return float(singular[:width].pow(2).sum() / singular.pow(2).sum())
+
+
 def kl_divergence(student_rows: torch.Tensor, teacher_rows: torch.Tensor, temperature: float) -> torch.Tensor:
     """T^2 * mean over rows of KL(softmax(teacher / T) || softmax(student / T)); rows are [n, vocab] logits."""
     if student_rows.shape[0] == 0:

@@ -14,6 +14,7 @@ import time
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import SaveStrategy
 
 from ..config.train import TrainParams
 from ..sft_data import make_collator
@@ -45,7 +46,6 @@ def short_run_params(
         "gradient_accumulation_steps": 1,
         "warmup_steps": min(warmup_steps, max_steps),
         "num_processes": 1,
-        "save_steps": max_steps + 1,  # never: the result is saved by the compress stage itself
         "logging_steps": max(1, max_steps // 10),
         "eval_steps": None,
         "unfreeze": train.unfreeze.model_copy(update={"enabled": False}),
@@ -92,6 +92,8 @@ def fine_tune(
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dsft-compress-") as out:
         args = training_arguments(params, seed, out, (bf16, fp16))
+        # the train stage checkpoints (and so saves at the last step); a short run's result is saved by its caller
+        args.save_strategy = SaveStrategy.NO
         cls = trainer_class or base_trainer_class()
         model.train()
         trainer = cls(

@@ -105,6 +105,7 @@ def build_distill(
     teacher, tokenizer = load(sft_dir)
     d = params.distill
     student = D.build_student(teacher, d.student, seed)
+    kept_energy = D.init_from_teacher(student, teacher) if d.init_from_teacher else 0.0
     examples, _ = build_examples(records, tasks, tokenizer, d.max_length, "truncate")
     trainer, stats = fine_tune(
         student,
@@ -130,6 +131,7 @@ def build_distill(
         "params_teacher": D.parameter_count(teacher),
         "params_student": D.parameter_count(student),
         "params_ratio_student": D.parameter_count(teacher) / D.parameter_count(student),
+        "init_embedding_energy_kept": kept_energy,
         "final_kl": sum(parts["kl"][-tail:]) / tail if parts["kl"] else float("nan"),
         "final_ce": sum(parts["ce"][-tail:]) / tail if parts["ce"] else float("nan"),
     }

@@ -146,6 +146,11 @@ class DistillParams(Section):
     weight_decay: float = Field(default=0.0, ge=0.0, lt=1.0, description="AdamW weight decay")
     batch_size: int = Field(default=16, ge=1, le=4096, description="examples per step")
     max_length: int = Field(default=256, ge=16, le=131072, description="token cap per example")
+    init_from_teacher: bool = Field(
+        default=True,
+        description="start the student's embeddings (and untied lm_head) from the teacher's, SVD-projected "
+        "to the student's width; false = random init",
+    )
     student: StudentParams = Field(default_factory=StudentParams)
     gate: GateParams = Field(
         default_factory=lambda: GateParams(max_relative_f1_loss=0.08, min_size_ratio=7.0),

@@ -165,7 +165,7 @@ def generate_rows(
                 keep.append(j)
         if not keep:
             break
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        cache = _returned_cache(out)
         if not hasattr(cache, "batch_select_indices"):  # a cache type that cannot drop rows: one plain call
             return generate_rows(model, batch, max_new_tokens, eos_ids, pad_id, stop, rebatch_every=None)
         index = torch.tensor(keep, device=input_ids.device)
