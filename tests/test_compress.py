@@ -221,6 +221,10 @@ def test_gate_failure_names_the_measured_numbers():
     with pytest.raises(GateError, match=r"gate failed for quantize: relative F1 loss 10\.00%"):
         enforce([outcome], "error")
     enforce([outcome], "warn")  # warn: logged, not raised
+    lenient = check_gate(
+        "distill", comparison, GateParams(max_relative_f1_loss=0.02, min_size_ratio=3.5, on_fail="warn")
+    )
+    enforce([lenient], "error")  # the gate's own on_fail wins over the stage's
     ok = check_gate(
         "quantize",
         comparison | {"relative_f1_loss": 0.01, "size_ratio": 3.9},
@@ -261,6 +265,7 @@ def test_script_writes_reports_then_fails_the_gate_with_numbers(tiny, params_cop
         params_copy,
         {
             "compress.methods": ["quantize", "expert_prune"],
+            "compress.on_fail": "error",
             "compress.quantize.gate.min_size_ratio": 10.0,
             "evaluate.max_new_tokens.extraction": 8,
             "evaluate.efficiency.samples": 2,

@@ -309,7 +309,15 @@ def load_model_and_tokenizer(
     dtype: str | torch.dtype = "float32",
     attn_implementation: str = "sdpa",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer (safetensors only; remote code only when asked); model in eval mode."""
+    """Load a causal LM and its tokenizer (safetensors only; remote code only when asked); model in eval mode.
+
+    int8 and pruned variants (models/compressed/<variant>) are stored in a packed format: they load through
+    the compress package's reader, so evaluate, serve and bench read every variant with this one call.
+    """
+    from .compress.storage import is_compressed, load_compressed  # lazy: compress imports this module
+
+    if is_compressed(path):
+        return load_compressed(path, trust_remote_code, dtype, attn_implementation)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(

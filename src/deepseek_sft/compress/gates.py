@@ -29,6 +29,7 @@ class GateOutcome:
     method: str
     passed: bool
     message: str
+    on_fail: str | None = None  # the gate's own on_fail (None = the stage's)
 
 
 def task_f1(task: TaskSpec, metrics: dict[str, float]) -> float:
@@ -100,17 +101,17 @@ def check_gate(method: str, comparison: dict[str, float], gate: GateParams) -> G
         f"(min {gate.min_size_ratio:.2f}x)"
     )
     if problems:
-        return GateOutcome(method, False, f"gate failed for {method}: " + "; ".join(problems))
-    return GateOutcome(method, True, f"gate passed for {summary}")
+        return GateOutcome(method, False, f"gate failed for {method}: " + "; ".join(problems), gate.on_fail)
+    return GateOutcome(method, True, f"gate passed for {summary}", gate.on_fail)
 
 
 def enforce(outcomes: list[GateOutcome], on_fail: str) -> None:
-    """Log every verdict; raise GateError listing the failures unless `on_fail` is warn."""
+    """Log every verdict; raise GateError listing the failures whose gate (or else `on_fail`) says error."""
     for outcome in outcomes:
         (log.info if outcome.passed else log.warning)(outcome.message)
-    failed = [o for o in outcomes if not o.passed]
-    if failed and on_fail == "error":
+    failed = [o for o in outcomes if not o.passed and (o.on_fail or on_fail) == "error"]
+    if failed:
         raise GateError(
-            "compression gate(s) failed (set compress.on_fail: warn to keep going):\n  "
+            "compression gate(s) failed (set compress.on_fail, or the gate's on_fail, to warn to go on):\n  "
             + "\n  ".join(o.message for o in failed)
         )

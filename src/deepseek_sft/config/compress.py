@@ -20,6 +20,9 @@ class GateParams(Section):
     min_size_ratio: float = Field(
         ge=0.0, description="smallest allowed weight bytes on disk of SFT / of the variant"
     )
+    on_fail: Literal["error", "warn"] | None = Field(
+        default=None, description="this gate's verdict when failed; null = compress.on_fail"
+    )
 
 
 class RecoveryParams(Section):
@@ -62,7 +65,10 @@ class PruneParams(Section):
     )
     include_lm_head: bool = Field(default=True, description="prune the (untied) output projection too")
     include_embeddings: bool = Field(default=False, description="prune the input embedding table too")
-    recovery: RecoveryParams = Field(default_factory=RecoveryParams)
+    recovery: RecoveryParams = Field(
+        default_factory=lambda: RecoveryParams(max_steps=50, learning_rate=1.0e-3),
+        description="measured on the tiny default: 5.0% F1 loss without, 2.3% with 50 steps",
+    )
     gate: GateParams = Field(
         default_factory=lambda: GateParams(max_relative_f1_loss=0.05, min_size_ratio=1.5),
         description="source guide: ~2x smaller, < 5% F1 loss (dense embeddings keep this below 2x)",
@@ -140,9 +146,9 @@ class DistillParams(Section):
     alpha: float = Field(
         default=0.5, ge=0.0, le=1.0, description="weight of the KL term; 1 - alpha weighs CE"
     )
-    max_steps: int = Field(default=300, ge=1, le=10_000_000, description="optimizer steps")
+    max_steps: int = Field(default=600, ge=1, le=10_000_000, description="optimizer steps")
     learning_rate: float = Field(default=2.0e-3, gt=0.0, le=1.0, description="peak learning rate")
-    warmup_steps: int = Field(default=15, ge=0, description="linear warmup steps")
+    warmup_steps: int = Field(default=30, ge=0, description="linear warmup steps")
     weight_decay: float = Field(default=0.0, ge=0.0, lt=1.0, description="AdamW weight decay")
     batch_size: int = Field(default=16, ge=1, le=4096, description="examples per step")
     max_length: int = Field(default=256, ge=16, le=131072, description="token cap per example")
