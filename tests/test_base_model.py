@@ -284,8 +284,9 @@ def test_script_builds_models_base_and_reports(splits, params_copy, tmp_path):
     reports = tmp_path / "reports" / "base_model"
     metrics = json.loads((reports / "metrics.json").read_text())
     assert metrics["source_tiny"] == 1 and metrics["layers_dense"] == 1 and metrics["layers_moe"] == 3
-    assert 5_000_000 <= metrics["params_total"] <= 10_000_000
-    assert metrics["chars_per_token_val"] > 1.0 and metrics["vocab_size"] == 6000
+    assert 3_000_000 <= metrics["params_total"] <= 10_000_000
+    # split_cjk: at most one character per token (val-only characters take several byte tokens)
+    assert 0.5 < metrics["chars_per_token_val"] < 1.2 and metrics["vocab_size"] <= 3000 + 64
     assert metrics["val_example_tokens_max"] >= metrics["val_example_tokens_p95"] > 0
     assert (reports / "example_tokens.png").stat().st_size > 1000
     config = json.loads((tmp_path / "models" / "base" / "config.json").read_text())
@@ -304,3 +305,19 @@ def test_split_cjk_tokenizes_an_entity_alike_in_text_and_answer():
     assert len(entity) == 2  # one token per character: no merge crosses a CJK character
     assert any(in_text[i : i + 2] == entity for i in range(len(in_text) - 1))
     assert tokenizer("10,000元", add_special_tokens=False)["input_ids"].__len__() == 7
+
+
+def test_labels_entity_types_and_marks_are_single_tokens(tasks):
+    from deepseek_sft.tokenizer_build import answer_vocabulary, train_bpe_tokenizer
+
+    words = answer_vocabulary(tasks)
+    assert {"card_activation", "card_loss", "violation", "PER", "⟦PER:", "⟧"} <= set(words)
+    assert len(words) == len(set(words))
+    texts = ["帮我激活card_activation卡", "PER:史永"] * 20
+    tokenizer = train_bpe_tokenizer(texts, 300, 2, 64, split_cjk=True, whole_words=words)
+    for word in words:
+        assert len(tokenizer(word, add_special_tokens=False)["input_ids"]) == 1, word
+    # a label inside running text is still the one token, and decoding gives the text back
+    ids = tokenizer("我要card_activation了", add_special_tokens=False)["input_ids"]
+    assert "card_activation" in tokenizer.convert_ids_to_tokens(ids)
+    assert tokenizer.decode(ids) == "我要card_activation了"

@@ -31,7 +31,13 @@ from transformers import (
 from .config.data import TaskSpec
 from .config.model import TINY_DEFAULT, BaseModelParams, TinyDeepseekParams
 from .sft_data import example_lengths
-from .tokenizer_build import chars_per_token, ensure_chat_ready, train_bpe_tokenizer, training_texts
+from .tokenizer_build import (
+    answer_vocabulary,
+    chars_per_token,
+    ensure_chat_ready,
+    train_bpe_tokenizer,
+    training_texts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +112,7 @@ def build_tiny(
         min_frequency=params.tokenizer.min_frequency,
         model_max_length=params.max_position_embeddings,
         split_cjk=params.tokenizer.split_cjk,
+        whole_words=answer_vocabulary(tasks) if params.tokenizer.label_tokens else (),
     )
     set_seed(seed)  # weights must not depend on how much randomness tokenizer training consumed
     model = DeepseekV3ForCausalLM(tiny_config(params, tokenizer)).to(torch.float32).eval()

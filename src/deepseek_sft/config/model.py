@@ -23,6 +23,9 @@ class TinyTokenizerParams(Section):
         default=False,
         description="one token per CJK character and digit (entities tokenize alike in text and answer; ~3x more tokens)",
     )
+    label_tokens: bool = Field(
+        default=True, description="every task label and entity type is one token (one decision per label)"
+    )
 
 
 class TinyDeepseekParams(Section):
