@@ -13,7 +13,14 @@ import pytest
 
 from deepseek_sft.augment import augment_records, load_train, run_augment
 from deepseek_sft.augment_backtranslate import backtranslate
-from deepseek_sft.augment_edits import SynonymDictionary, clauses, structure_edit, synonym_edit
+from deepseek_sft.augment_edits import (
+    MentionPool,
+    SynonymDictionary,
+    clauses,
+    mention_edit,
+    structure_edit,
+    synonym_edit,
+)
 from deepseek_sft.config import ParamsError, load_section
 from deepseek_sft.io import DataError, write_jsonl
 
@@ -81,16 +88,26 @@ def train_file(tmp_path) -> Path:
 @pytest.fixture
 def stage(params_copy, monkeypatch):
     monkeypatch.chdir(REPO)  # the dictionary path in params is relative to the repository root
-    edit_params(params_copy, {"augment.ratio": 0.5})
+    edit_params(params_copy, {"augment.ratio": 0.6, "augment.methods": ["synonym", "structure", "mention"]})
     return load_section("augment")
 
 
-def assert_spans_follow_source(variant: dict, source: dict) -> None:
-    """Every span covers text of the right type, equal to the source entity's text."""
+def assert_spans_follow_source(
+    variant: dict, source: dict, mentions: dict[str, set[str]] | None = None
+) -> None:
+    """Every span covers its own text and the source's entities carry over: the same (type, text) pairs, or,
+    for mention replacement, the same types with surfaces that are train mentions of that type."""
     for span in variant["entities"]:
         assert variant["text"][span["start"] : span["end"]] == span["text"]
-    got = Counter((s["type"], s["text"]) for s in variant["entities"])
-    assert got == Counter((s["type"], s["text"]) for s in source["entities"])
+    if mentions is None:
+        got = Counter((s["type"], s["text"]) for s in variant["entities"])
+        assert got == Counter((s["type"], s["text"]) for s in source["entities"])
+        return
+    assert Counter(s["type"] for s in variant["entities"]) == Counter(s["type"] for s in source["entities"])
+    assert all(s["text"] in mentions[s["type"]] for s in variant["entities"])
+    assert {(s["type"], s["text"]) for s in variant["entities"]} != {
+        (s["type"], s["text"]) for s in source["entities"]
+    }
 
 
 class FakeTranslator:
@@ -164,6 +181,37 @@ def test_single_clause_text_gives_a_reason_not_a_variant():
     assert edited.reason == "single_clause" and edited.text == ""
 
 
+def test_mention_replacement_swaps_surfaces_of_the_same_type_and_moves_later_spans():
+    text = "给张伟转5000元，招商银行"
+    spans = {
+        "entities": [
+            {"start": 1, "end": 3, "type": "PER"},
+            {"start": 4, "end": 9, "type": "MONEY"},
+            {"start": 10, "end": 14, "type": "ORG"},
+        ]
+    }
+    other = {"entities": [{"start": 0, "end": 3, "type": "PER"}, {"start": 3, "end": 5, "type": "MONEY"}]}
+    pool = MentionPool([spans, other], [text, "欧阳锋五元"])
+    assert pool.by_type == {"PER": ["张伟", "欧阳锋"], "MONEY": ["5000元", "五元"], "ORG": ["招商银行"]}
+    edited = mention_edit(text, spans, pool, 3, random.Random(0))
+    # ORG has no other mention in the pool, so it stays; the others change and everything after them moves
+    assert edited.text == "给欧阳锋转五元，招商银行"
+    assert [(s["start"], s["end"], s["type"], s["text"]) for s in edited.spans["entities"]] == [
+        (1, 4, "PER", "欧阳锋"),
+        (5, 7, "MONEY", "五元"),
+        (8, 12, "ORG", "招商银行"),
+    ]
+
+
+def test_mention_replacement_gives_reasons_and_leaves_overlapping_spans_alone():
+    pool = MentionPool([{"entities": [{"start": 0, "end": 2, "type": "PER"}]}], ["张伟"])
+    assert mention_edit("在吗", {"entities": []}, pool, 3, random.Random(0)).reason == "no_entity"
+    only = {"entities": [{"start": 0, "end": 2, "type": "PER"}]}
+    assert mention_edit("张伟在吗", only, pool, 3, random.Random(0)).reason == "no_alternative_mention"
+    nested = {"a": [{"start": 0, "end": 4, "type": "ORG"}], "b": [{"start": 0, "end": 2, "type": "PER"}]}
+    assert mention_edit("招商银行", nested, pool, 3, random.Random(0)).reason == "no_entity"
+
+
 def test_backtranslation_restores_entities_verbatim(params_copy):
     params = load_section("augment").section.backtranslation
     items = [
@@ -203,10 +251,20 @@ def test_every_variant_keeps_spans_and_labels(train_file, stage):
     records, _ = load_train(train_file, stage.tasks)
     result = augment_records(records, stage)
     sources = {r["id"]: r for r in records}
-    assert len(result.variants) == 40  # ratio 0.5 of 80
+    mentions: dict[str, set[str]] = {}
+    for record in records:
+        for span in record["entities"]:
+            mentions.setdefault(span["type"], set()).add(record["text"][span["start"] : span["end"]])
+    assert len(result.variants) == 48  # ratio 0.6 of 80
+    assert Counter(v["augment"]["method"] for v in result.variants) == {
+        "synonym": 16,
+        "structure": 16,
+        "mention": 16,
+    }
     for variant in result.variants:
         source = sources[variant["augment"]["source_id"]]
-        assert_spans_follow_source(variant, source)
+        is_mention = variant["augment"]["method"] == "mention"
+        assert_spans_follow_source(variant, source, mentions if is_mention else None)
         assert variant["text"] != source["text"]
         assert (variant["intent"], variant["compliance"]) == (source["intent"], source["compliance"])
         assert "annotations" not in variant  # per-annotator offsets would point into the old text
@@ -223,16 +281,17 @@ def test_counts_per_method_add_up(train_file, stage, tmp_path):
         "original": 80,
         "synonym": metrics["added_synonym"],
         "structure": metrics["added_structure"],
+        "mention": metrics["added_mention"],
     }
-    assert metrics["quota_synonym"] == metrics["quota_structure"] == 20
-    assert metrics["added_synonym"] == metrics["added_structure"] == 20
-    assert metrics["added_total"] == 40 and metrics["out_records"] == 120
-    for method in ("synonym", "structure"):
+    assert metrics["quota_synonym"] == metrics["quota_structure"] == metrics["quota_mention"] == 16
+    assert metrics["added_synonym"] == metrics["added_structure"] == metrics["added_mention"] == 16
+    assert metrics["added_total"] == 48 and metrics["out_records"] == 128
+    for method in ("synonym", "structure", "mention"):
         skipped = sum(v for k, v in metrics.items() if k.startswith("skipped_") and k.endswith(f"_{method}"))
         assert metrics[f"tried_{method}"] == metrics[f"added_{method}"] + skipped
     assert lines[:80] == train_file.read_text(encoding="utf-8").splitlines()  # originals verbatim, first
     csv = (tmp_path / "reports" / "added_per_method.csv").read_text()
-    assert csv == "method,added\nsynonym,20\nstructure,20\n"
+    assert csv == "method,added\nsynonym,16\nstructure,16\nmention,16\n"
 
 
 def test_backtranslation_through_the_stage(train_file, stage, params_copy):
@@ -248,7 +307,7 @@ def test_backtranslation_through_the_stage(train_file, stage, params_copy):
     stage = load_section("augment")
     records, _ = load_train(train_file, stage.tasks)
     result = augment_records(records, stage, translator=FakeTranslator())
-    assert result.metrics["added_backtranslation"] == 40
+    assert result.metrics["added_backtranslation"] == 48
     sources = {r["id"]: r for r in records}
     for variant in result.variants:
         assert variant["text"].startswith("请问")
@@ -297,7 +356,7 @@ def test_script_reads_train_only(train_file, params_copy, tmp_path):
     assert "train.jsonl" in opened
     assert not opened & {"val.jsonl", "test.jsonl"}
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
-    assert metrics["added_total"] == 16  # default ratio 0.2 of 80
+    assert metrics["added_total"] == 24  # default ratio 0.3 of 80
 
 
 # --- bad input -----------------------------------------------------------------------------------------

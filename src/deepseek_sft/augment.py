@@ -3,6 +3,7 @@
 Methods, applied in the order of `augment.methods`:
 - synonym: dictionary terms (resources/financial_synonyms.tsv) outside entities replaced by a synonym;
 - structure: the clauses of one sentence (split at ，,；;) or the terminated sentences reordered;
+- mention: entities replaced by other train mentions of the same type (the answer must be copied);
 - backtranslation: a round trip through a pivot language with entities masked (off by default).
 
 Entity spans stay aligned: no edit touches a character inside an entity, offsets are recomputed after
@@ -28,7 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .augment_backtranslate import Translator, backtranslate, make_translator
-from .augment_edits import Edited, SpansByField, SynonymDictionary, structure_edit, synonym_edit
+from .augment_edits import (
+    Edited,
+    MentionPool,
+    SpansByField,
+    SynonymDictionary,
+    mention_edit,
+    structure_edit,
+    synonym_edit,
+)
 from .config import StageParams
 from .config.augment import AugmentParams
 from .config.data import TaskSpec
@@ -126,8 +135,14 @@ def spans_of(record: dict, fields: list[str]) -> SpansByField:
 class Method:
     """One augmentation method: proposes an Edited per record of a chunk."""
 
-    def __init__(self, name: str, params: AugmentParams, translator: Translator | None = None):
-        self.name, self.params, self.translator = name, params, translator
+    def __init__(
+        self,
+        name: str,
+        params: AugmentParams,
+        translator: Translator | None = None,
+        mentions: MentionPool | None = None,
+    ):
+        self.name, self.params, self.translator, self.mentions = name, params, translator, mentions
         self.synonyms = SynonymDictionary.from_tsv(params.synonym.dictionary) if name == "synonym" else None
         if name == "backtranslation" and self.translator is None:
             self.translator = make_translator(params.backtranslation)
@@ -145,6 +160,9 @@ class Method:
         if self.name == "structure":
             reorder = self.params.structure.sentence_reorder
             return [structure_edit(text, spans, reorder, rng) for text, spans in items]
+        if self.name == "mention":
+            limit = self.params.mention.max_replacements
+            return [mention_edit(text, spans, self.mentions, limit, rng) for text, spans in items]
         return backtranslate(items, self.translator, self.params.backtranslation)
 
 
@@ -204,10 +222,13 @@ def augment_records(
     metrics: dict[str, float] = {"train_records": len(records)}
     methods = params.methods if params.enabled else []
     seen = {r["text"] for r in records}
+    mentions = MentionPool([spans_of(r, fields) for r in records], [r["text"] for r in records])
     for name, quota in quotas(round(params.ratio * len(records)), methods).items():
         # one stream per method: adding or removing a method does not change the others' variants
         rng = random.Random(f"{stage.seed}:augment:{name}")
-        added, counts = run_method(Method(name, params, translator), records, fields, quota, rng, seen)
+        added, counts = run_method(
+            Method(name, params, translator, mentions), records, fields, quota, rng, seen
+        )
         result.added[name] = added
         metrics[f"quota_{name}"] = quota
         metrics[f"added_{name}"] = len(added)

@@ -1,4 +1,4 @@
-"""Span-safe text edits for the augment stage: synonym replacement and clause / sentence reordering.
+"""Span-safe text edits for the augment stage: synonyms, clause / sentence reordering, mention replacement.
 
 Every edit is expressed as a list of *pieces* (slices of the old text, or new strings) that are
 concatenated into the new text. Characters carried over keep a map from old to new position, so each
@@ -219,3 +219,87 @@ def structure_edit(text: str, spans: SpansByField, sentence_reorder: bool, rng: 
         return Edited(reason="single_clause")
     slots = options[rng.randrange(len(options))]
     return apply_pieces(text, spans, _reorder(text, slots, _shuffled(slots, rng)))
+
+
+# --- mentions ------------------------------------------------------------------------------------------
+
+
+class MentionPool:
+    """Entity surfaces of the train split per entity type: what mention replacement draws from."""
+
+    def __init__(self, spans_per_record: list[SpansByField], texts: list[str]):
+        by_type: dict[str, set[str]] = {}
+        for text, spans in zip(texts, spans_per_record, strict=True):
+            for field_spans in spans.values():
+                for span in field_spans:
+                    by_type.setdefault(span["type"], set()).add(text[span["start"] : span["end"]])
+        self.by_type = {kind: sorted(surfaces) for kind, surfaces in by_type.items()}
+
+    def draw(self, kind: str, current: str, rng: random.Random) -> str | None:
+        """Another surface of type `kind` (None when the pool holds no other)."""
+        surfaces = self.by_type.get(kind, [])
+        if not surfaces or surfaces == [current]:
+            return None
+        while (choice := rng.choice(surfaces)) == current:
+            pass
+        return choice
+
+
+def _overlaps_another(span: dict, spans: SpansByField) -> bool:
+    return any(
+        other is not span and other["start"] < span["end"] and span["start"] < other["end"]
+        for field_spans in spans.values()
+        for other in field_spans
+    )
+
+
+def mention_edit(
+    text: str, spans: SpansByField, pool: MentionPool, max_replacements: int, rng: random.Random
+) -> Edited:
+    """Replace up to `max_replacements` entities by other train mentions of the same type.
+
+    The answer then names strings the context does not predict, so the model must copy them from the text
+    rather than recall likely names: on the tiny default the SFT model answered plausible names that were
+    not in the text ("PER:董华" for 史永). Overlapping spans (several extraction fields) are left alone.
+    """
+    candidates = [
+        (name, index, span)
+        for name, field_spans in spans.items()
+        for index, span in enumerate(field_spans)
+        if not _overlaps_another(span, spans)
+    ]
+    if not candidates:
+        return Edited(reason="no_entity")
+    chosen = sorted(
+        rng.sample(candidates, min(max_replacements, len(candidates))), key=lambda c: c[2]["start"]
+    )
+    pieces: list[Piece] = []
+    replaced: dict[tuple[str, int], tuple[int, str]] = {}  # (field, index) -> (new start, surface)
+    cursor = position = 0
+    for name, index, span in chosen:
+        surface = pool.draw(span["type"], text[span["start"] : span["end"]], rng)
+        if surface is None:
+            continue
+        pieces.append((cursor, span["start"]))
+        position += span["start"] - cursor
+        replaced[(name, index)] = (position, surface)
+        pieces.append(surface)
+        position += len(surface)
+        cursor = span["end"]
+    if not replaced:
+        return Edited(reason="no_alternative_mention")
+    pieces.append((cursor, len(text)))
+    new_text, index_map = assemble(text, pieces)
+    moved: SpansByField = {}
+    for name, field_spans in spans.items():
+        moved[name] = []
+        for index, span in enumerate(field_spans):
+            if (name, index) in replaced:
+                start, surface = replaced[(name, index)]
+            else:
+                start, surface = index_map[span["start"]], text[span["start"] : span["end"]]
+            if new_text[start : start + len(surface)] != surface:
+                return Edited(reason="span_broken")  # a bug guard, as in apply_pieces
+            moved[name].append({**span, "start": start, "end": start + len(surface), "text": surface})
+        moved[name].sort(key=lambda s: (s["start"], s["end"]))
+    return Edited(text=new_text, spans=moved)

@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from .base import Section
 
-METHODS = ("synonym", "structure", "backtranslation")
+METHODS = ("synonym", "structure", "mention", "backtranslation")
 
 
 class SynonymParams(Section):
@@ -26,6 +26,14 @@ class StructureParams(Section):
 
     sentence_reorder: bool = Field(
         default=True, description="also swap whole sentences when there are several"
+    )
+
+
+class MentionParams(Section):
+    """Replace entities by other mentions of the same type from the train split (mention replacement)."""
+
+    max_replacements: int = Field(
+        default=3, ge=1, le=50, description="entities replaced per augmented record"
     )
 
 
@@ -58,7 +66,7 @@ class AugmentParams(Section):
     """Stage augment: adds label-preserving variants of train records (val/test are never read)."""
 
     enabled: bool = Field(default=True, description="false = train_augmented.jsonl is a copy of train.jsonl")
-    methods: list[Literal["synonym", "structure", "backtranslation"]] = Field(
+    methods: list[Literal["synonym", "structure", "mention", "backtranslation"]] = Field(
         default_factory=lambda: ["synonym", "structure"], description="methods used, in this order"
     )
     ratio: float = Field(
@@ -69,6 +77,7 @@ class AugmentParams(Section):
     )
     synonym: SynonymParams = Field(default_factory=SynonymParams)
     structure: StructureParams = Field(default_factory=StructureParams)
+    mention: MentionParams = Field(default_factory=MentionParams)
     backtranslation: BackTranslationParams = Field(default_factory=BackTranslationParams)
 
     @model_validator(mode="after")
