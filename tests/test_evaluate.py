@@ -116,19 +116,19 @@ def perturbed_answers(records: list[dict], tasks, rng: random.Random) -> dict[st
 
 
 def _damaged_entities(record: dict, task, rng: random.Random) -> str:
-    items = [f"{s['type']}:{s['text']}" for s in sorted(record["entities"], key=lambda s: s["start"])]
+    """The gold spans with one controlled error, rendered in the task's answer format."""
+    spans = [dict(s) for s in sorted(record["entities"], key=lambda s: s["start"])]
     roll = rng.random()
-    if items and roll < 0.15:
-        kind, _, surface = items[0].partition(":")
-        items[0] = f"{kind}:{surface[:-1]}" if len(surface) > 1 else items[0]  # boundary
-    elif items and roll < 0.3:
-        kind, _, surface = items[0].partition(":")
-        items[0] = f"{'ORG' if kind != 'ORG' else 'PER'}:{surface}"  # type
-    elif items and roll < 0.4:
-        items.pop()  # missed
+    if spans and roll < 0.15:
+        if spans[0]["end"] - spans[0]["start"] > 1:
+            spans[0]["end"] -= 1  # boundary: the last character dropped
+    elif spans and roll < 0.3:
+        spans[0]["type"] = "ORG" if spans[0]["type"] != "ORG" else "PER"  # type
+    elif spans and roll < 0.4:
+        spans.pop()  # missed
     elif roll < 0.45:
-        return "乱码"  # unparseable
-    return "|".join(items) if items else format_response(task, {**record, "entities": []})
+        return "⟦乱码"  # unparseable in either format (an item without TYPE:, an unclosed mark)
+    return format_response(task, {**record, "entities": spans})
 
 
 def fake_results(name: str, records: list[dict], tasks, seed: int) -> ModelResults:

@@ -11,6 +11,7 @@ import torch
 from deepseek_sft.base_model import load_model_and_tokenizer
 from deepseek_sft.config import load_section
 from deepseek_sft.config.evaluate import EvaluateParams
+from deepseek_sft.evaluate.constrain import EchoConstraint, echo_constraint, mark_token_ids
 from deepseek_sft.evaluate.core import evaluate_model
 from deepseek_sft.evaluate.efficiency import PeakMemory, measure_latency, size_on_disk
 from deepseek_sft.evaluate.generate import (
@@ -24,6 +25,7 @@ from deepseek_sft.evaluate.generate import (
 from deepseek_sft.evaluate.perplexity import perplexity_by_task, response_nll
 from deepseek_sft.evaluate.prefix import answer_stop, viable_prefix
 from deepseek_sft.sft_data import build_examples, encode_prompt
+from deepseek_sft.tasks import parse_response
 from test_evaluate import make_tiny_models, processed_records
 
 torch.set_num_threads(1)  # tiny matrices: extra OpenMP threads only add sync (and stall on shared cores)
@@ -81,7 +83,8 @@ def test_batched_generation_equals_naive_loop_and_is_faster(loaded, tasks):
 
 def test_generation_stops_once_the_answer_cannot_parse(loaded, tasks):
     model, tokenizer = loaded  # untrained: its answers are garbage
-    task = tasks["entities"]
+    # items format: garbage soon stops parsing there (an inline answer is any text, so rarely stops early)
+    task = tasks["entities"].model_copy(update={"answer_format": "items"})
     prompts = [encode_prompt(tokenizer, task, r["text"]) for r in processed_records(16, seed=9)]
     full = generate_batched(model, tokenizer, prompts, max_new_tokens=12, batch_size=16)
     stopped = generate_batched(model, tokenizer, prompts, 12, 16, stop=answer_stop(task, tokenizer))
@@ -96,17 +99,21 @@ def test_generation_stops_once_the_answer_cannot_parse(loaded, tasks):
 def test_generation_stops_at_eos(loaded):
     model, tokenizer = loaded
     eos = eos_token_ids(model, tokenizer)
-    # force EOS: bias the head towards the EOS token so every row ends after one token
-    with torch.no_grad():
-        saved = model.lm_head.weight.clone()
-        model.lm_head.weight.zero_()
-        model.lm_head.weight[eos[0]] = 1.0
-        try:
-            prompts = [[tokenizer.bos_token_id, 10, 11], [tokenizer.bos_token_id, 12]]
-            assert generate_batched(model, tokenizer, prompts, 20, 2) == [[], []]
-            assert generate_naive(model, tokenizer, prompts, 20) == [[], []]
-        finally:
-            model.lm_head.weight.copy_(saved)
+
+    # force EOS: the head's output favours the EOS token, so every row ends after one token (a hook, not
+    # edited weights: the tiny default ties lm_head to the input embeddings)
+    def only_eos(module, args, logits):
+        forced = torch.full_like(logits, -1e9)
+        forced[..., eos[0]] = 0.0
+        return forced
+
+    handle = model.lm_head.register_forward_hook(only_eos)
+    try:
+        prompts = [[tokenizer.bos_token_id, 10, 11], [tokenizer.bos_token_id, 12]]
+        assert generate_batched(model, tokenizer, prompts, 20, 2) == [[], []]
+        assert generate_naive(model, tokenizer, prompts, 20) == [[], []]
+    finally:
+        handle.remove()
 
 
 def test_response_perplexity_matches_the_model_loss(loaded, tasks):
@@ -155,3 +162,44 @@ def test_evaluate_model_is_deterministic_and_complete(tiny_models, tasks):
     assert [r["answer"] for r in first.rows] == [r["answer"] for r in second.rows]
     assert first.metrics["intent"]["perplexity"] == second.metrics["intent"]["perplexity"]
     assert first.efficiency["generated_tokens"] > 0
+
+
+# --- constrained decoding of inline answers ---------------------------------------------------------------
+
+
+def test_echo_constraint_allows_only_the_text_and_well_formed_marks():
+    # text tokens 10 11 12; opening marks 50 51; closing mark 60; EOS 2
+    echo = EchoConstraint([10, 11, 12], open_ids=[50, 51], close_id=60, eos_ids=[2])
+    assert sorted(echo.allowed([])) == [10, 50, 51]
+    assert sorted(echo.allowed([50])) == [10]  # a mark needs at least one token before it closes
+    assert sorted(echo.allowed([50, 10])) == [11, 60]  # no nested marks
+    assert sorted(echo.allowed([50, 10, 60])) == [11, 50, 51]
+    assert echo.allowed([10, 11, 12]) == [2]  # text used up, outside a mark: only EOS
+    assert echo.allowed([10, 11, 51, 12]) == [60]  # text used up inside a mark: close it first
+    assert echo.state([51, 10, 11, 60, 12]) == (3, False, 2)
+
+
+def test_constrained_batched_answers_echo_the_text_and_equal_the_naive_loop(loaded, tasks):
+    model, tokenizer = loaded
+    inline = tasks["entities"].model_copy(update={"answer_format": "inline"})
+    assert mark_token_ids(inline, tokenizer) is not None  # the tiny tokenizer holds every mark as one token
+    records = processed_records(24, seed=4)
+    eos_ids = eos_token_ids(model, tokenizer)
+    prompts = [encode_prompt(tokenizer, inline, r["text"]) for r in records]
+    constraints = [echo_constraint(inline, tokenizer, r["text"], eos_ids) for r in records]
+    budget = 3 * max(len(c.text_ids) for c in constraints) + 8  # untrained: marks around many tokens
+    naive = generate_naive(model, tokenizer, prompts, budget, constraints=constraints)
+    for rebatch in (None, 4):
+        assert (
+            generate_batched(model, tokenizer, prompts, budget, 8, None, None, rebatch, constraints) == naive
+        )
+    finished = 0
+    answers = decode_answers(tokenizer, naive)
+    for record, ids, answer, constraint in zip(records, naive, answers, constraints, strict=True):
+        parsed = parse_response(inline, answer, record["text"])
+        echoed, inside, _ = constraint.state(ids)
+        if echoed == len(constraint.text_ids) and not inside:  # the answer ran to its end within the budget
+            finished += 1
+            assert parsed.ok, answer
+            assert all(record["text"][s["start"] : s["end"]] == s["text"] for s in parsed.spans)
+    assert finished >= len(records) // 2

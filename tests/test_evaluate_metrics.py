@@ -34,7 +34,10 @@ def span(start, end, type_):
 
 @pytest.fixture(scope="module")
 def tasks():
-    return load_section("evaluate").tasks
+    """The params tasks, entities in the items format (TYPE:text|...) that the hand-written answers use;
+    the inline format has its own tests (test_tasks.py, and the prefix property test below)."""
+    tasks = load_section("evaluate").tasks
+    return {**tasks, "entities": tasks["entities"].model_copy(update={"answer_format": "items"})}
 
 
 # --- classification ---------------------------------------------------------------------------------------
@@ -363,8 +366,13 @@ def test_a_non_viable_prefix_never_parses_and_gold_answers_stay_viable(tasks):
         "c",
         "x",
         "\ufffd",
+        "⟦",
+        "⟦ORG:",
+        "⟧",
     ]
-    for name in ("intent", "compliance", "entities"):
+    other_format = "items" if tasks["entities"].answer_format == "inline" else "inline"
+    tasks = {**tasks, "entities_other": tasks["entities"].model_copy(update={"answer_format": other_format})}
+    for name in ("intent", "compliance", "entities", "entities_other"):
         task = tasks[name]
         for _ in range(3000):
             answer = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 8)))

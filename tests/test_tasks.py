@@ -70,3 +70,44 @@ def test_generation_answer_is_the_text():
     assert format_response(SUMMARY, {"summary": "转账失败"}) == "转账失败"
     assert parse_response(SUMMARY, "转账失败").ok
     assert not parse_response(SUMMARY, "  ").ok
+
+
+INLINE = TaskSpec(
+    type="extraction",
+    field="entities",
+    instruction="实体？",
+    entity_types=["ORG", "MONEY"],
+    answer_format="inline",
+)
+
+
+def test_inline_target_echoes_the_text_and_parses_to_exact_spans():
+    answer = format_response(INLINE, RECORD)
+    assert answer == "⟦ORG:招商银行⟧转账⟦MONEY:5000元⟧失败"
+    parsed = parse_response(INLINE, answer, TEXT)
+    assert parsed.ok and parsed.value == [("ORG", "招商银行"), ("MONEY", "5000元")]
+    assert [(s["start"], s["end"], s["type"]) for s in parsed.spans] == [(0, 4, "ORG"), (6, 11, "MONEY")]
+    assert parse_response(INLINE, TEXT, TEXT) == parse_response(INLINE, TEXT, TEXT)  # no marks: no entities
+    assert parse_response(INLINE, TEXT, TEXT).value == [] and parse_response(INLINE, TEXT, TEXT).ok
+
+
+def test_inline_marks_of_a_drifted_echo_are_located_in_the_text():
+    # the echo dropped "转账": the marked surfaces are still found in the input, as for the items format
+    parsed = parse_response(INLINE, "⟦ORG:招商银行⟧⟦MONEY:5000元⟧失败", TEXT)
+    assert parsed.ok
+    assert [(s["start"], s["end"]) for s in parsed.spans] == [(0, 4), (6, 11)]
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        ("⟦ORG:招商银行转账", "unclosed ⟦"),
+        ("⟦PER:张三⟧转账", "unknown entity type 'PER'"),
+        ("⟦ORG招商银行⟧", "is not ⟦TYPE:text⟧"),
+        ("招商银行⟧转账", "⟧ without ⟦"),
+        ("", "empty answer"),
+    ],
+)
+def test_off_format_inline_answers_are_not_ok(answer, error):
+    parsed = parse_response(INLINE, answer, TEXT)
+    assert not parsed.ok and error in parsed.error

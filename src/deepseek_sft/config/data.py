@@ -24,6 +24,10 @@ class TaskSpec(Section):
     entity_types: list[str] | None = Field(
         default=None, description="allowed entity types (extraction); null = whatever the data holds"
     )
+    answer_format: Literal["items", "inline"] = Field(
+        default="items",
+        description="extraction answers: items = TYPE:text|...; inline = the text echoed with ⟦TYPE:text⟧ marks",
+    )
 
 
 class SyntheticParams(Section):

@@ -70,6 +70,10 @@ class EvaluateParams(Section):
         le=4096,
         description="every N new tokens finished rows leave the batch (same tokens, less compute); null = never",
     )
+    constrained_decoding: bool = Field(
+        default=True,
+        description="inline extraction answers decode under their grammar: the text echoed, marks in between",
+    )
     stop_when_unparseable: bool = Field(
         default=True,
         description="end a label/entity answer once no continuation can parse (same scores, less compute)",

@@ -56,6 +56,10 @@ class ServeParams(Section):
     )
     max_body_bytes: int = Field(default=65536, ge=1024, description="largest request body accepted (bytes)")
     max_new_tokens: MaxNewTokens = Field(default_factory=MaxNewTokens)
+    constrained_decoding: bool = Field(
+        default=True,
+        description="inline extraction answers decode under their grammar, as in evaluate (constrain.py)",
+    )
     default_new_tokens: int = Field(
         default=64, ge=1, description="new tokens for /v1/generate and chat when the request names none"
     )

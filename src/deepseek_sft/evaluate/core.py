@@ -18,8 +18,9 @@ from ..config.data import TaskSpec
 from ..config.evaluate import EvaluateParams
 from ..io import DataError, read_jsonl
 from ..sft_data import build_examples, encode_prompt
-from ..tasks import format_response, parse_response
+from ..tasks import answer_budget, format_response, parse_response
 from . import metrics as M
+from .constrain import echo_constraint, mark_token_ids
 from .efficiency import PeakMemory, measure_latency, parameter_stats, sample_prompts, size_on_disk
 from .generate import decode_answers, eos_token_ids, generate_batched, pad_token_id
 from .perplexity import perplexity_by_task, response_nll
@@ -67,9 +68,13 @@ def resolve_device(choice: str) -> torch.device:
     )
 
 
-def max_new_tokens(task: TaskSpec, params: EvaluateParams) -> int:
-    """The generation budget of a task's type."""
-    return getattr(params.max_new_tokens, task.type)
+def max_new_tokens(task: TaskSpec, params: EvaluateParams, tokenizer=None, texts: list[str] = ()) -> int:
+    """The generation budget of a task's type (an inline extraction also echoes its longest text)."""
+    configured = getattr(params.max_new_tokens, task.type)
+    if not texts:
+        return configured
+    longest = max(len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"])
+    return answer_budget(task, configured, longest)
 
 
 def _row(record: dict, name: str, task: TaskSpec, answer: str) -> dict:
@@ -147,6 +152,14 @@ def score_answers(
     return rows, flat, details
 
 
+def answer_constraints(model, tokenizer, task: TaskSpec, records, params: EvaluateParams) -> list | None:
+    """One decoding constraint per record (constrain.py), or None when the task's answers decode freely."""
+    if not params.constrained_decoding or mark_token_ids(task, tokenizer) is None:
+        return None
+    eos_ids = eos_token_ids(model, tokenizer)
+    return [echo_constraint(task, tokenizer, r["text"], eos_ids) for r in records]
+
+
 def predict(model, tokenizer, records, tasks, params: EvaluateParams) -> tuple[dict[str, list[str]], dict]:
     """Answer strings per task (in record order) and generation stats (seconds, new tokens)."""
     answers: dict[str, list[str]] = {}
@@ -155,10 +168,19 @@ def predict(model, tokenizer, records, tasks, params: EvaluateParams) -> tuple[d
         for name, task in tasks.items():
             prompts = [encode_prompt(tokenizer, task, r["text"]) for r in records]
             started = time.perf_counter()
-            budget = max_new_tokens(task, params)
+            budget = max_new_tokens(task, params, tokenizer, [r["text"] for r in records])
             stop = answer_stop(task, tokenizer) if params.stop_when_unparseable else None
+            constraints = answer_constraints(model, tokenizer, task, records, params)
             ids = generate_batched(
-                model, tokenizer, prompts, budget, params.batch_size, bar.update, stop, params.rebatch_every
+                model,
+                tokenizer,
+                prompts,
+                budget,
+                params.batch_size,
+                bar.update,
+                stop,
+                params.rebatch_every,
+                constraints,
             )
             stats["generate_s"] += time.perf_counter() - started
             stats["generated_tokens"] += sum(len(a) for a in ids)

@@ -12,7 +12,9 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from .constrain import ConstrainedRows, EchoConstraint
 
 # answer tokens so far -> True when the answer can no longer parse (prefix.answer_stop)
 StopFn = Callable[[Sequence[int]], bool]
@@ -101,11 +103,13 @@ def generate_batched(
     progress=None,
     stop: StopFn | None = None,
     rebatch_every: int | None = None,
+    constraints: Sequence[EchoConstraint | None] | None = None,
 ) -> list[list[int]]:
     """Answer token ids (EOS cut) for each prompt, via batched greedy `model.generate`, in input order.
 
     Prompts are sorted by length so a batch holds similar lengths (little padding); a row ends at EOS
     (or, with `stop`, once its answer can no longer parse); see `generate_rows` for `rebatch_every`.
+    `constraints` (one per prompt, None = free) restrict each answer to its grammar (constrain.py).
     """
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = pad_token_id(tokenizer, eos_ids)
@@ -113,8 +117,16 @@ def generate_batched(
     answers: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
+        chunk_constraints = [constraints[i] for i in chunk] if constraints is not None else None
         rows = generate_rows(
-            model, [prompts[i] for i in chunk], max_new_tokens, eos_ids, pad_id, stop, rebatch_every
+            model,
+            [prompts[i] for i in chunk],
+            max_new_tokens,
+            eos_ids,
+            pad_id,
+            stop,
+            rebatch_every,
+            chunk_constraints,
         )
         for i, tokens in zip(chunk, rows, strict=True):
             answers[i] = tokens
@@ -131,6 +143,7 @@ def generate_rows(
     pad_id: int,
     stop: StopFn | None = None,
     rebatch_every: int | None = None,
+    constraints: Sequence[EchoConstraint | None] | None = None,
 ) -> list[list[int]]:
     """Greedy answers of one left-padded batch.
 
@@ -147,6 +160,9 @@ def generate_rows(
     while rows:
         step = min(rebatch_every or remaining, remaining)
         kwargs = {"cache": cache} if cache is not None else {}
+        if constraints is not None and any(c is not None for c in constraints):
+            row_constraints = [constraints[row] for row in rows]
+            kwargs["logits_processor"] = LogitsProcessorList([ConstrainedRows(width, row_constraints)])
         out = model.generate(
             input_ids=input_ids,
             attention_mask=mask,
@@ -167,7 +183,7 @@ def generate_rows(
             break
         cache = _returned_cache(out)
         if not hasattr(cache, "batch_select_indices"):  # a cache type that cannot drop rows: one plain call
-            return generate_rows(model, batch, max_new_tokens, eos_ids, pad_id, stop, rebatch_every=None)
+            return generate_rows(model, batch, max_new_tokens, eos_ids, pad_id, stop, None, constraints)
         index = torch.tensor(keep, device=input_ids.device)
         cache.batch_select_indices(index)
         grown = torch.ones((mask.shape[0], produced), dtype=mask.dtype, device=mask.device)
@@ -199,10 +215,12 @@ def greedy_one(
     eos_ids: Sequence[int],
     stop_at_eos: bool = True,
     stop: StopFn | None = None,
+    constraint: EchoConstraint | None = None,
 ) -> tuple[list[int], list[float]]:
     """Greedy-decode one prompt with a KV cache; returns (new tokens, seconds per step; step 0 = prefill).
 
-    Ends at EOS (unless `stop_at_eos` is False, for timing a fixed number of steps) or when `stop` fires.
+    Ends at EOS (unless `stop_at_eos` is False, for timing a fixed number of steps) or when `stop` fires;
+    `constraint` restricts each step to its allowed tokens, as in the batched path.
     """
     device = model.device
     step_input = torch.tensor([list(ids)], dtype=torch.long, device=device)
@@ -210,7 +228,11 @@ def greedy_one(
     for _ in range(max_new_tokens):
         started = time.perf_counter()
         out = model(input_ids=step_input, use_cache=True, **_forward_kwargs(model, cache))
-        token = int(out.logits[0, -1].argmax())  # .item() also synchronises a GPU, so the timing is honest
+        logits = out.logits[0, -1]
+        if constraint is not None:
+            allowed = torch.tensor(constraint.allowed(tokens), dtype=torch.long, device=logits.device)
+            logits = torch.full_like(logits, float("-inf")).index_copy(0, allowed, logits[allowed])
+        token = int(logits.argmax())  # .item() also synchronises a GPU, so the timing is honest
         seconds.append(time.perf_counter() - started)
         cache = _returned_cache(out)
         tokens.append(token)
@@ -221,11 +243,20 @@ def greedy_one(
 
 
 def generate_naive(
-    model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: StopFn | None = None
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    stop: StopFn | None = None,
+    constraints: Sequence[EchoConstraint | None] | None = None,
 ) -> list[list[int]]:
     """Reference loop: one prompt at a time (used only by tests/benchmarks against `generate_batched`)."""
     eos_ids = eos_token_ids(model, tokenizer)
-    answers = [greedy_one(model, p, max_new_tokens, eos_ids, stop=stop)[0] for p in prompts]
+    constraints = constraints if constraints is not None else [None] * len(prompts)
+    answers = [
+        greedy_one(model, p, max_new_tokens, eos_ids, stop=stop, constraint=c)[0]
+        for p, c in zip(prompts, constraints, strict=True)
+    ]
     return [cut_at_eos(tokens, eos_ids, stop) for tokens in answers]
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from ..config.data import TaskSpec
-from ..tasks import ITEM_SEP, NO_ENTITY, TYPE_SEP
+from ..tasks import ITEM_SEP, MARK_CLOSE, MARK_OPEN, NO_ENTITY, TYPE_SEP
 
 REPLACEMENT = "\ufffd"  # a multi-byte character cut between byte-level tokens decodes to this, for now
 
@@ -33,11 +33,30 @@ def _viable_item(item: str, types: Sequence[str] | None, last: bool) -> bool:
     return last or bool(surface.strip())
 
 
+def _viable_inline(text: str, types: Sequence[str] | None) -> bool:
+    cursor = 0
+    while (opened := text.find(MARK_OPEN, cursor)) >= 0:
+        if MARK_CLOSE in text[cursor:opened]:
+            return False
+        closed = text.find(MARK_CLOSE, opened)
+        kind, sep, surface = text[opened + 1 : closed if closed >= 0 else len(text)].partition(TYPE_SEP)
+        if closed < 0:  # the last mark is still being written
+            if not sep:
+                return types is None or any(t.startswith(kind) for t in types)
+            return bool(kind) and (types is None or kind in types)
+        if not kind or not sep or not surface or (types is not None and kind not in types):
+            return False
+        cursor = closed + 1
+    return MARK_CLOSE not in text[cursor:]
+
+
 def viable_prefix(task: TaskSpec, text: str) -> bool:
     """False only if every continuation of the partial answer `text` fails tasks.parse_response."""
     text = text.lstrip().rstrip(REPLACEMENT)
     if task.type == "classification":
         return task.labels is None or _complete_or_prefix(text, task.labels)
+    if task.type == "extraction" and task.answer_format == "inline":
+        return _viable_inline(text, task.entity_types)
     if task.type != "extraction" or not text or _complete_or_prefix(text, [NO_ENTITY]):
         return True
     items = text.split(ITEM_SEP)

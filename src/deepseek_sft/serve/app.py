@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config.data import TaskSpec
 from ..config.serve import ServeParams
-from ..tasks import parse_response
+from ..tasks import answer_budget, parse_response
 from .auth import BearerAuthMiddleware
 from .engine import Engine, Generation, NotReady, PromptTooLong
 from .limits import Admission, BodyLimitMiddleware, Saturated
@@ -96,8 +96,9 @@ class Service:
             )
         return requested
 
-    async def generate(self, endpoint: str, encode, budget: int) -> Generation:
-        """Encode, check the context window, wait for an admission slot and generate; record token metrics."""
+    async def generate(self, endpoint: str, encode, budget: int, constraint=None) -> Generation:
+        """Encode, check the context window, wait for an admission slot and generate (under `constraint`,
+        if any); record token metrics."""
         try:
             ids = encode()
             self.engine.check_length(ids, budget)
@@ -107,7 +108,7 @@ class Service:
             raise NotReady("the service is starting")
         try:
             async with self.admission.slot():
-                generation = await asyncio.wrap_future(self.engine.submit(ids, budget))
+                generation = await asyncio.wrap_future(self.engine.submit(ids, budget, constraint))
         except Saturated as e:
             self.metrics.rejected.labels("saturated").inc()
             raise ApiError(503, str(e)) from None
@@ -120,9 +121,13 @@ class Service:
         """Answer one task request: prompt, greedy answer, parsed result."""
         task = self.tasks[name]
         self.check_text(body.text, "text")
-        budget = getattr(self.params.max_new_tokens, task.type)
+        configured = getattr(self.params.max_new_tokens, task.type)
+        budget = answer_budget(task, configured, self.engine.count_tokens(body.text))
+        constraint = (
+            self.engine.task_constraint(task, body.text) if self.params.constrained_decoding else None
+        )
         gen = await self.generate(
-            f"/v1/tasks/{name}", lambda: self.engine.encode_task(task, body.text), budget
+            f"/v1/tasks/{name}", lambda: self.engine.encode_task(task, body.text), budget, constraint
         )
         parsed = parse_response(task, gen.text, body.text)
         out: dict = {"task": name, "type": task.type}

@@ -23,7 +23,8 @@ import torch
 from ..base_model import load_model_and_tokenizer
 from ..config.data import TaskSpec
 from ..config.serve import ServeParams
-from ..evaluate.generate import decode_answers, generate_batched
+from ..evaluate.constrain import EchoConstraint, echo_constraint
+from ..evaluate.generate import decode_answers, eos_token_ids, generate_batched
 from ..sft_data import encode_prompt
 from ..tokenizer_build import ensure_chat_ready
 
@@ -61,6 +62,7 @@ class Generation:
 class _Request:
     ids: list[int]
     max_new_tokens: int
+    constraint: EchoConstraint | None = None
     future: Future = field(default_factory=Future)
 
 
@@ -197,6 +199,18 @@ class Engine:
         with self._tok_lock:
             return list(encode_prompt(self.tokenizer, task, text))
 
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` alone (no special tokens)."""
+        self._require_ready()
+        with self._tok_lock:
+            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def task_constraint(self, task: TaskSpec, text: str) -> EchoConstraint | None:
+        """The decoding constraint of `task`'s answer on `text` (inline extraction), as evaluation uses it."""
+        self._require_ready()
+        with self._tok_lock:
+            return echo_constraint(task, self.tokenizer, text, eos_token_ids(self.model, self.tokenizer))
+
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Prompt ids of a chat conversation through the tokenizer's chat template (generation prompt added)."""
         self._require_ready()
@@ -235,12 +249,13 @@ class Engine:
             self._worker.join(timeout)
         self._worker = None
 
-    def submit(self, ids: list[int], max_new_tokens: int) -> Future:
-        """Queue one prompt; the Future resolves to a Generation (or the generation error)."""
+    def submit(self, ids: list[int], max_new_tokens: int, constraint: EchoConstraint | None = None) -> Future:
+        """Queue one prompt (its answer restricted by `constraint`, if any); the Future resolves to a
+        Generation (or the generation error)."""
         self._require_ready()
         if self._worker is None:
             raise RuntimeError("Engine.start() was not called")
-        request = _Request(list(ids), int(max_new_tokens))
+        request = _Request(list(ids), int(max_new_tokens), constraint)
         self._queue.put(request)
         return request.future
 
@@ -278,7 +293,14 @@ class Engine:
     def _generate_group(self, group: list[_Request], budget: int) -> None:
         started = time.perf_counter()
         try:
-            answers = generate_batched(self.model, self.tokenizer, [r.ids for r in group], budget, len(group))
+            answers = generate_batched(
+                self.model,
+                self.tokenizer,
+                [r.ids for r in group],
+                budget,
+                len(group),
+                constraints=[r.constraint for r in group],
+            )
             with self._tok_lock:
                 texts = decode_answers(self.tokenizer, answers)
         except Exception as e:  # one bad batch must not kill the worker: its requests get the error
