@@ -24,6 +24,7 @@ from ..base_model import load_model_and_tokenizer
 from ..config.data import TaskSpec
 from ..config.serve import ServeParams
 from ..evaluate.constrain import EchoConstraint, echo_constraint
+from ..evaluate.core import resolve_device
 from ..evaluate.generate import decode_answers, eos_token_ids, generate_batched
 from ..sft_data import encode_prompt
 from ..tokenizer_build import ensure_chat_ready
@@ -64,13 +65,6 @@ class _Request:
     max_new_tokens: int
     constraint: EchoConstraint | None = None
     future: Future = field(default_factory=Future)
-
-
-def resolve_device(device: str) -> str:
-    """`auto` -> cuda when available, else cpu."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 class Engine:
