@@ -68,13 +68,9 @@ def resolve_device(choice: str) -> torch.device:
     )
 
 
-def max_new_tokens(task: TaskSpec, params: EvaluateParams, tokenizer=None, texts: list[str] = ()) -> int:
-    """The generation budget of a task's type (an inline extraction also echoes its longest text)."""
-    configured = getattr(params.max_new_tokens, task.type)
-    if not texts:
-        return configured
-    longest = max(len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"])
-    return answer_budget(task, configured, longest)
+def max_new_tokens(task: TaskSpec, params: EvaluateParams, longest_text_tokens: int = 0) -> int:
+    """The generation budget of a task's type (an inline extraction also echoes its text)."""
+    return answer_budget(task, getattr(params.max_new_tokens, task.type), longest_text_tokens)
 
 
 def _row(record: dict, name: str, task: TaskSpec, answer: str) -> dict:
@@ -164,11 +160,13 @@ def predict(model, tokenizer, records, tasks, params: EvaluateParams) -> tuple[d
     """Answer strings per task (in record order) and generation stats (seconds, new tokens)."""
     answers: dict[str, list[str]] = {}
     stats = {"generate_s": 0.0, "generated_tokens": 0}
+    texts = [r["text"] for r in records]
+    longest = max((len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]), default=0)
     with tqdm(total=len(records) * len(tasks), desc="generate", unit="prompt", mininterval=2.0) as bar:
         for name, task in tasks.items():
             prompts = [encode_prompt(tokenizer, task, r["text"]) for r in records]
             started = time.perf_counter()
-            budget = max_new_tokens(task, params, tokenizer, [r["text"] for r in records])
+            budget = max_new_tokens(task, params, longest)
             stop = answer_stop(task, tokenizer) if params.stop_when_unparseable else None
             constraints = answer_constraints(model, tokenizer, task, records, params)
             ids = generate_batched(
