@@ -65,11 +65,10 @@ def test_kl_term_is_zero_for_equal_logits_scaled_by_t_squared_and_masked():
     assert D.response_kl(student, teacher, labels, t_t).item() == pytest.approx(ref * t_t**2, rel=1e-5)
 
 
-@pytest.mark.slow
-def test_short_distillation_run_trains_and_saves_a_loadable_student(tmp_path):
-    teacher, tokenizer, train = tiny_model(n_records=30)
-    small = StudentParams(
-        hidden_size=32,
+def small_student(hidden_size: int) -> StudentParams:
+    """A student of the tests' tiny teacher at `hidden_size` (everything else small and fixed)."""
+    return StudentParams(
+        hidden_size=hidden_size,
         intermediate_size=64,
         moe_intermediate_size=16,
         num_attention_heads=2,
@@ -79,7 +78,12 @@ def test_short_distillation_run_trains_and_saves_a_loadable_student(tmp_path):
         qk_rope_head_dim=8,
         v_head_dim=8,
     )
-    student = D.build_student(teacher, small, seed=0)
+
+
+@pytest.mark.slow
+def test_short_distillation_run_trains_and_saves_a_loadable_student(tmp_path):
+    teacher, tokenizer, train = tiny_model(n_records=30)
+    student = D.build_student(teacher, small_student(hidden_size=32), seed=0)
     assert D.parameter_count(teacher) / D.parameter_count(student) > 3
     with torch.no_grad():  # a random teacher is near-uniform; make it opinionated so there is much to learn
         teacher.lm_head.weight.mul_(40.0)
@@ -122,24 +126,13 @@ def test_short_distillation_run_trains_and_saves_a_loadable_student(tmp_path):
 
 def test_student_embeddings_start_from_the_teachers_principal_directions():
     teacher, _, _ = tiny_model(n_records=20)
-    same_width = StudentParams(
-        hidden_size=64,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        num_attention_heads=2,
-        q_lora_rank=16,
-        kv_lora_rank=16,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=8,
-        v_head_dim=8,
-    )
-    student = D.build_student(teacher, same_width, seed=0)
+    student = D.build_student(teacher, small_student(hidden_size=64), seed=0)  # the teacher's width
     assert D.init_from_teacher(student, teacher) == pytest.approx(1.0)
     # at full width the projection is a rotation: every dot product between token embeddings is kept
     e_t, e_s = teacher.get_input_embeddings().weight, student.get_input_embeddings().weight
     assert torch.allclose(e_s @ e_s.T, e_t @ e_t.T, atol=1e-5)
     assert student.lm_head.weight is e_s  # tied: the head starts from the same table
-    narrow = D.build_student(teacher, same_width.model_copy(update={"hidden_size": 16}), seed=0)
+    narrow = D.build_student(teacher, small_student(hidden_size=16), seed=0)
     kept = D.init_from_teacher(narrow, teacher)
     assert 16 / 64 < kept < 1.0  # the top directions hold more than their share of the energy
     assert narrow.get_input_embeddings().weight.pow(2).mean().item() == pytest.approx(
