@@ -439,7 +439,8 @@ def test_zero2_two_processes_with_progressive_unfreezing(tmp_path, base_models, 
 def test_zero3_offload_killed_mid_run_resumes_from_the_last_checkpoint(tmp_path, base_models, train_data):
     train = {
         "deepspeed": str(REPO / "configs/deepspeed/zero3_offload.json"),
-        "max_steps": 40,
+        # long enough that an idle machine (about 10 steps/s) cannot finish before the kill lands
+        "max_steps": 120,
         "save_steps": 4,
         "logging_steps": 4,
         "eval_base": True,
@@ -447,25 +448,26 @@ def test_zero3_offload_killed_mid_run_resumes_from_the_last_checkpoint(tmp_path,
     proc = launch(tmp_path, base_models["v3"], train_data, **train)
     checkpoints = tmp_path / "checkpoints"
     deadline = time.time() + 900  # generous: CI machines may be loaded
-    while (
-        ckpt.latest_checkpoint(checkpoints) is None
-        or ckpt.resumed_step(ckpt.latest_checkpoint(checkpoints)) < 8
-    ):
-        assert proc.poll() is None, (tmp_path / "train.log").read_text()[-4000:]
+    while True:
+        exited = proc.poll()  # read before the checkpoints, so an exit cannot slip in between the two
+        latest = ckpt.latest_checkpoint(checkpoints)
+        if latest is not None and ckpt.resumed_step(latest) >= 8:
+            break
+        assert exited is None, (tmp_path / "train.log").read_text()[-4000:]
         assert time.time() < deadline, "no checkpoint within 900 s"
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks: a crash, no clean shutdown
     proc.wait()
     killed_at = ckpt.resumed_step(ckpt.latest_checkpoint(checkpoints))
-    assert 8 <= killed_at < 40 and not (tmp_path / "sft").exists()
+    assert 8 <= killed_at < 120 and not (tmp_path / "sft").exists()
 
     metrics = finish(launch(tmp_path, base_models["v3"], train_data, **train), tmp_path)
-    assert metrics["resumed_from_step"] >= killed_at and metrics["global_step"] == 40
+    assert metrics["resumed_from_step"] >= killed_at and metrics["global_step"] == 120
     assert metrics["zero_stage"] == 3 and metrics["eval_loss"] < metrics["base_eval_loss"]
     assert "base_eval_loss" in metrics  # carried over from the first run's step-0 evaluation
     log = (tmp_path / "train.log").read_text()
     assert f"resuming from {checkpoints}/checkpoint-" in log
-    state = json.loads((checkpoints / "checkpoint-40" / "trainer_state.json").read_text())
+    state = json.loads((checkpoints / "checkpoint-120" / "trainer_state.json").read_text())
     losses = [e["loss"] for e in state["log_history"] if "loss" in e]
     assert losses[-1] < losses[0]
     sft = load_file(tmp_path / "sft" / "model.safetensors")
