@@ -154,10 +154,35 @@ def test_dynamic_int8_kernel_is_close_to_dequant(tiny, quantized):
     assert (approx - exact).abs().max() < 0.1 * exact.abs().max()
 
 
-def test_tied_embeddings_stay_float_and_shared(tmp_path):
-    model, tokenizer, _ = tiny_model(TINY_MOE.model_copy(update={"tie_word_embeddings": True}), n_records=30)
+def test_a_tied_table_is_quantized_once_and_shared_by_the_head(tmp_path):
+    tied = TINY_MOE.model_copy(update={"tie_word_embeddings": True})
+    model, tokenizer, _ = tiny_model(tied, n_records=30)
+    reference, _, _ = tiny_model(tied, n_records=30)
     plan = Q.quantize_model(model, "dequant", embeddings=True)
-    assert plan["embedding"] == [] and "lm_head" not in plan["linear"]
+    assert plan["embedding"] == ["model.embed_tokens"] and plan["tied_head"] == ["lm_head"]
+    assert model.lm_head.weight_int8 is model.model.embed_tokens.weight_int8
+    assert Q.quantized_share(model)["quantized_share_all"] > 0.99  # only norms and routers stay float
+    Q.save_quantized(model, tokenizer, tmp_path / "q", plan, "dequant")
+    bm.save_base(reference, tokenizer, tmp_path / "float")
+    stored = load_file(tmp_path / "q" / "model.safetensors")
+    assert "lm_head.weight_int8" not in stored and "model.embed_tokens.weight_int8" in stored  # stored once
+    size = (tmp_path / "float" / "model.safetensors").stat().st_size / (
+        tmp_path / "q" / "model.safetensors"
+    ).stat().st_size
+    assert 3.4 < size < 4.0  # float32 -> int8 plus a float32 scale per row (of only 32 values here)
+    loaded, _ = load_compressed(tmp_path / "q")
+    assert loaded.lm_head.weight_int8 is loaded.model.embed_tokens.weight_int8
+    ids = prompt_ids(tokenizer)
+    with torch.no_grad():
+        q_logits, loaded_logits, float_logits = model(ids).logits, loaded(ids).logits, reference(ids).logits
+    assert torch.equal(q_logits, loaded_logits)
+    assert (q_logits - float_logits).abs().max() < 0.02 * float_logits.abs().max()
+
+
+def test_a_tied_table_stays_float_when_embeddings_are_not_quantized(tmp_path):
+    model, tokenizer, _ = tiny_model(TINY_MOE.model_copy(update={"tie_word_embeddings": True}), n_records=30)
+    plan = Q.quantize_model(model, "dequant", embeddings=False)
+    assert plan["embedding"] == [] and plan["tied_head"] == [] and "lm_head" not in plan["linear"]
     Q.save_quantized(model, tokenizer, tmp_path / "q", plan, "dequant")
     loaded, _ = load_compressed(tmp_path / "q")
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight

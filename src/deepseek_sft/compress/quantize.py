@@ -188,19 +188,30 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def tied_head(embedding: Int8Embedding, kernel: str) -> Int8Linear:
+    """An lm_head sharing the int8 table and per-row scales of a tied embedding: a row's scale is also that
+    output channel's scale, so the tie survives quantization and the table is stored once."""
+    head = Int8Linear(embedding.embedding_dim, embedding.num_embeddings, bias=False, kernel=kernel)
+    head.weight_int8, head.weight_scale = embedding.weight_int8, embedding.weight_scale
+    return head
+
+
 def plan_quantization(model: nn.Module, embeddings: bool) -> dict[str, list[str]]:
-    """Module names to quantize by kind: linear, experts, embedding (a tied lm_head stays with the embedding)."""
+    """Module names to quantize by kind: linear, experts, embedding, and tied_head (an lm_head tied to the
+    embedding, which then shares the embedding's int8 table)."""
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     input_embedding = model.get_input_embeddings()
     output = model.get_output_embeddings()
-    plan: dict[str, list[str]] = {"linear": [], "experts": [], "embedding": []}
+    plan: dict[str, list[str]] = {"linear": [], "experts": [], "embedding": [], "tied_head": []}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and not (tied and module is output):
+        if tied and module is output:
+            if embeddings:  # else the tied table stays float, as the head's weight too
+                plan["tied_head"].append(name)
+        elif isinstance(module, nn.Linear):
             plan["linear"].append(name)
         elif is_fused_experts(module):
             plan["experts"].append(name)
-        elif module is input_embedding and embeddings and not tied:
-            # a tied table is also the lm_head weight: keeping it float keeps both exact and shared
+        elif module is input_embedding and embeddings:
             plan["embedding"].append(name)
     return plan
 
@@ -233,6 +244,8 @@ def apply_plan(model: nn.Module, plan: dict[str, list[str]], kernel: str, quanti
             else Int8Embedding(old.num_embeddings, old.embedding_dim, old.padding_idx, old.weight.dtype)
         )
         _set_module(model, name, new)
+    for name in plan.get("tied_head", []):
+        _set_module(model, name, tied_head(model.get_input_embeddings(), kernel))
 
 
 def quantize_model(
@@ -253,9 +266,11 @@ def quantized_share(model: nn.Module) -> dict[str, float]:
     """
     embedding = model.get_input_embeddings()
     int8_total = int8_embedding = float_total = float_embedding = 0
+    counted: set[int] = set()  # a tied head shares the embedding's int8 table: count it once
     for module in model.modules():
         for name, buf in module.named_buffers(recurse=False):
-            if buf.dtype == torch.int8 and name.endswith("_int8"):
+            if buf.dtype == torch.int8 and name.endswith("_int8") and buf.data_ptr() not in counted:
+                counted.add(buf.data_ptr())
                 int8_total += buf.numel()
                 int8_embedding += buf.numel() if module is embedding else 0
     for p in model.parameters():  # shared (tied) tensors are yielded once
@@ -279,7 +294,7 @@ def quantization_config(plan: dict[str, list[str]], kernel: str) -> dict:
         "bits": 8,
         "symmetric": True,
         "granularity": "per output channel (per expert and output channel for fused experts, per row for "
-        "embeddings)",
+        "embeddings; a tied lm_head shares the embedding's table and scales)",
         "kernel": kernel,
         "modules": {kind: len(names) for kind, names in plan.items()},
         "loader": "deepseek_sft.compress.load_compressed",
