@@ -103,9 +103,10 @@ def test_tokenizer_learned_only_from_train_text(tiny, splits):
     _, tokenizer = tiny
     learned = [tokenizer.convert_tokens_to_string([t]) for t in tokenizer.get_vocab()]
     assert not any(ch in piece for piece in learned for ch in TEST_ONLY)
-    # a val-only character falls apart into its 3 UTF-8 bytes; a frequent train word is one token
+    # a val-only character falls apart into its 3 UTF-8 bytes; a frequent train phrase is one token (not an
+    # entity: tagged answers split entities into characters, so their merges are rarer)
     assert len(tokenizer("龘", add_special_tokens=False)["input_ids"]) == 3
-    assert len(tokenizer("招商银行", add_special_tokens=False)["input_ids"]) == 1
+    assert len(tokenizer("我的卡丢了", add_special_tokens=False)["input_ids"]) == 1
     assert (
         tokenizer("挂失")["input_ids"][0] == tokenizer.bos_token_id
     )  # plain encode adds BOS, like DeepSeek's
@@ -310,8 +311,12 @@ def test_split_cjk_tokenizes_an_entity_alike_in_text_and_answer():
 def test_labels_entity_types_and_marks_are_single_tokens(tasks):
     from deepseek_sft.tokenizer_build import answer_vocabulary, train_bpe_tokenizer
 
-    words = answer_vocabulary(tasks)
-    assert {"card_activation", "card_loss", "violation", "PER", "⟦PER:", "⟧"} <= set(words)
+    inline = {**tasks, "entities": tasks["entities"].model_copy(update={"answer_format": "inline"})}
+    assert {"⟦PER:", "⟧"} <= set(answer_vocabulary(inline))
+    words = answer_vocabulary(
+        {**tasks, "entities": tasks["entities"].model_copy(update={"answer_format": "tagged"})}
+    )
+    assert {"card_activation", "card_loss", "violation", "PER", "⟨PER⟩", "⟨+⟩"} <= set(words)
     assert len(words) == len(set(words))
     texts = ["帮我激活card_activation卡", "PER:史永"] * 20
     tokenizer = train_bpe_tokenizer(texts, 300, 2, 64, split_cjk=True, whole_words=words)

@@ -8,10 +8,18 @@ import time
 import pytest
 import torch
 
+from deepseek_sft import base_model as bm
 from deepseek_sft.base_model import load_model_and_tokenizer
 from deepseek_sft.config import load_section
 from deepseek_sft.config.evaluate import EvaluateParams
-from deepseek_sft.evaluate.constrain import EchoConstraint, echo_constraint, mark_token_ids
+from deepseek_sft.evaluate.constrain import (
+    EchoConstraint,
+    TagConstraint,
+    character_tokens,
+    constrained_scores,
+    echo_constraint,
+    mark_token_ids,
+)
 from deepseek_sft.evaluate.core import evaluate_model
 from deepseek_sft.evaluate.efficiency import PeakMemory, measure_latency, size_on_disk
 from deepseek_sft.evaluate.generate import (
@@ -26,7 +34,7 @@ from deepseek_sft.evaluate.perplexity import perplexity_by_task, response_nll
 from deepseek_sft.evaluate.prefix import answer_stop, viable_prefix
 from deepseek_sft.sft_data import build_examples, encode_prompt
 from deepseek_sft.tasks import parse_response
-from test_evaluate import make_tiny_models, processed_records
+from test_evaluate import TINY, make_tiny_models, processed_records
 
 torch.set_num_threads(1)  # tiny matrices: extra OpenMP threads only add sync (and stall on shared cores)
 
@@ -164,7 +172,7 @@ def test_evaluate_model_is_deterministic_and_complete(tiny_models, tasks):
     assert first.efficiency["generated_tokens"] > 0
 
 
-# --- constrained decoding of inline answers ---------------------------------------------------------------
+# --- constrained decoding of inline and tagged answers ---------------------------------------------------------------
 
 
 def test_echo_constraint_allows_only_the_text_and_well_formed_marks():
@@ -179,14 +187,60 @@ def test_echo_constraint_allows_only_the_text_and_well_formed_marks():
     assert echo.state([51, 10, 11, 60, 12]) == (3, False, 2)
 
 
-def test_constrained_batched_answers_echo_the_text_and_equal_the_naive_loop(loaded, tasks):
-    model, tokenizer = loaded
-    inline = tasks["entities"].model_copy(update={"answer_format": "inline"})
-    assert mark_token_ids(inline, tokenizer) is not None  # the tiny tokenizer holds every mark as one token
+def test_tag_constraint_tags_only_complete_characters_and_continues_only_tagged_ones():
+    # characters: [10], [11, 12] (one character, two byte tokens), [13]; start tags 50 51; continuation 60
+    tags = TagConstraint([[10], [11, 12], [13]], start_ids=[50, 51], continue_id=60, eos_ids=[2])
+    assert tags.allowed([]) == [10]  # nothing to tag before the first character
+    assert sorted(tags.allowed([10])) == [11, 50, 51]  # no continuation: the character before is untagged
+    assert tags.allowed([10, 50, 11]) == [12]  # inside a character: no tag
+    assert sorted(tags.allowed([10, 50, 11, 12])) == [13, 50, 51, 60]
+    assert sorted(tags.allowed([10, 11, 12])) == [13, 50, 51]
+    assert tags.allowed([10, 50, 11, 12, 60]) == [13]  # one tag per character
+    assert sorted(tags.allowed([10, 50, 11, 12, 60, 13])) == [2, 50, 51, 60]  # the last one, then EOS
+    assert tags.state([10, 50, 11, 12, 60, 13]) == (4, False, True)
+
+
+def test_the_text_token_takes_the_probability_of_every_non_mark_token():
+    echo = EchoConstraint([10, 11], open_ids=[50], close_id=60, eos_ids=[2])
+    probs = torch.full((64,), 0.8 / 62)  # 0.8 spread over the 62 non-mark tokens, 10 among them
+    probs[50], probs[60] = 0.15, 0.05  # the opening mark is the likeliest single token
+    masked = constrained_scores(echo, [], probs.log())
+    assert torch.isfinite(masked).sum() == 2  # only the text token 10 and the opening mark 50
+    # going on with the text wins, with all the non-mark mass, not the 0.013 of token 10 alone
+    assert masked[10].exp() == pytest.approx(0.8, rel=1e-4) and masked[50].exp() == pytest.approx(0.15)
+    assert int(masked.argmax()) == 10
+
+
+def test_character_tokens_group_byte_tokens_and_keep_multi_character_tokens_whole(loaded):
+    _, tokenizer = loaded
+    groups = character_tokens(tokenizer, "转账龘")  # a character unseen in training: byte tokens
+    assert len(groups) == 3 and len(groups[2]) > 1
+    assert [t for g in groups for t in g] == tokenizer("转账龘", add_special_tokens=False)["input_ids"]
+
+    class WordTokens:  # byte tokens 7 8 of one character, then one token for a two-character word
+        def __call__(self, text, add_special_tokens=False, return_offsets_mapping=False):
+            return {"input_ids": [7, 8, 9], "offset_mapping": [(0, 1), (0, 1), (1, 3)]}
+
+    assert character_tokens(WordTokens(), "龘转账") == [[7, 8], [9]]
+
+
+@pytest.mark.parametrize("answer_format", ["inline", "tagged"])
+def test_constrained_batched_answers_echo_the_text_and_equal_the_naive_loop(tmp_path, tasks, answer_format):
+    task = tasks["entities"].model_copy(update={"answer_format": answer_format})
+    # a tokenizer built for this format (its marks or tags single tokens), one token per character as the default
+    per_character = TINY.model_copy(
+        update={"tokenizer": TINY.tokenizer.model_copy(update={"split_cjk": True})}
+    )
+    model, tokenizer = bm.build_tiny(
+        per_character, processed_records(200, seed=1), {**tasks, "entities": task}, 1
+    )
+    model.eval()
+    assert mark_token_ids(task, tokenizer) is not None  # the tiny tokenizer holds every mark as one token
     records = processed_records(24, seed=4)
     eos_ids = eos_token_ids(model, tokenizer)
-    prompts = [encode_prompt(tokenizer, inline, r["text"]) for r in records]
-    constraints = [echo_constraint(inline, tokenizer, r["text"], eos_ids) for r in records]
+    prompts = [encode_prompt(tokenizer, task, r["text"]) for r in records]
+    constraints = [echo_constraint(task, tokenizer, r["text"], eos_ids) for r in records]
+    assert all(c is not None for c in constraints)
     budget = 3 * max(len(c.text_ids) for c in constraints) + 8  # untrained: marks around many tokens
     naive = generate_naive(model, tokenizer, prompts, budget, constraints=constraints)
     for rebatch in (None, 4):
@@ -196,9 +250,9 @@ def test_constrained_batched_answers_echo_the_text_and_equal_the_naive_loop(load
     finished = 0
     answers = decode_answers(tokenizer, naive)
     for record, ids, answer, constraint in zip(records, naive, answers, constraints, strict=True):
-        parsed = parse_response(inline, answer, record["text"])
-        echoed, inside, _ = constraint.state(ids)
-        if echoed == len(constraint.text_ids) and not inside:  # the answer ran to its end within the budget
+        parsed = parse_response(task, answer, record["text"])
+        echoed, inside_a_mark, _ = constraint.state(ids)
+        if echoed == len(constraint.text_ids) and not (answer_format == "inline" and inside_a_mark):
             finished += 1
             assert parsed.ok, answer
             assert all(record["text"][s["start"] : s["end"]] == s["text"] for s in parsed.spans)

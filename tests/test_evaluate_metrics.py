@@ -35,7 +35,7 @@ def span(start, end, type_):
 @pytest.fixture(scope="module")
 def tasks():
     """The params tasks, entities in the items format (TYPE:text|...) that the hand-written answers use;
-    the inline format has its own tests (test_tasks.py, and the prefix property test below)."""
+    the inline and tagged formats have their own tests (test_tasks.py, and the prefix property test below)."""
     tasks = load_section("evaluate").tasks
     return {**tasks, "entities": tasks["entities"].model_copy(update={"answer_format": "items"})}
 
@@ -369,10 +369,20 @@ def test_a_non_viable_prefix_never_parses_and_gold_answers_stay_viable(tasks):
         "⟦",
         "⟦ORG:",
         "⟧",
+        "⟨",
+        "⟨ORG⟩",
+        "⟨+⟩",
+        "⟨OR",
+        "⟩",
     ]
-    other_format = "items" if tasks["entities"].answer_format == "inline" else "inline"
-    tasks = {**tasks, "entities_other": tasks["entities"].model_copy(update={"answer_format": other_format})}
-    for name in ("intent", "compliance", "entities", "entities_other"):
+    tasks = {
+        **{name: task for name, task in tasks.items() if name != "entities"},
+        **{
+            f"entities_{answer_format}": tasks["entities"].model_copy(update={"answer_format": answer_format})
+            for answer_format in ("items", "inline", "tagged")
+        },
+    }
+    for name in tasks:
         task = tasks[name]
         for _ in range(3000):
             answer = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 8)))

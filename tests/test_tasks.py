@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from deepseek_sft.config import TaskSpec
-from deepseek_sft.tasks import NO_ENTITY, build_messages, format_response, locate_spans, parse_response
+from deepseek_sft.tasks import (
+    NO_ENTITY,
+    build_messages,
+    format_response,
+    locate_spans,
+    parse_response,
+    tagged_markup,
+)
 
 INTENT = TaskSpec(
     type="classification", field="intent", instruction="意图？", labels=["card_loss", "transfer"]
@@ -110,4 +117,56 @@ def test_inline_marks_of_a_drifted_echo_are_located_in_the_text():
 )
 def test_off_format_inline_answers_are_not_ok(answer, error):
     parsed = parse_response(INLINE, answer, TEXT)
+    assert not parsed.ok and error in parsed.error
+
+
+TAGGED = INLINE.model_copy(update={"answer_format": "tagged"})
+
+
+def test_tagged_target_tags_every_entity_character_and_parses_to_exact_spans():
+    answer = format_response(TAGGED, RECORD)
+    assert answer == "招⟨ORG⟩商⟨+⟩银⟨+⟩行⟨+⟩转账5⟨MONEY⟩0⟨+⟩0⟨+⟩0⟨+⟩元⟨+⟩失败"
+    parsed = parse_response(TAGGED, answer, TEXT)
+    assert parsed.ok and parsed.value == [("ORG", "招商银行"), ("MONEY", "5000元")]
+    assert [(s["start"], s["end"], s["type"], s["text"]) for s in parsed.spans] == [
+        (0, 4, "ORG", "招商银行"),
+        (6, 11, "MONEY", "5000元"),
+    ]
+    untagged = parse_response(TAGGED, TEXT, TEXT)
+    assert untagged.ok and untagged.value == [] and untagged.spans == []
+
+
+def span(start, end, kind):
+    return {"start": start, "end": end, "type": kind}
+
+
+def test_tagged_adjacent_entities_stay_apart_and_overlaps_keep_the_first():
+    text = "招商5元"
+    spans = [span(0, 2, "ORG"), span(1, 3, "MONEY"), span(2, 4, "MONEY")]
+    answer = tagged_markup(text, spans)
+    assert answer == "招⟨ORG⟩商⟨+⟩5⟨MONEY⟩元⟨+⟩"
+    parsed = parse_response(TAGGED, answer, text)
+    assert [(s["start"], s["end"], s["type"]) for s in parsed.spans] == [(0, 2, "ORG"), (2, 4, "MONEY")]
+
+
+def test_tagged_surfaces_of_a_drifted_echo_are_located_in_the_text():
+    parsed = parse_response(TAGGED, "招⟨ORG⟩商⟨+⟩银⟨+⟩行⟨+⟩失败", TEXT)  # the echo dropped 转账5000元
+    assert parsed.ok and [(s["start"], s["end"]) for s in parsed.spans] == [(0, 4)]
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        ("⟨ORG⟩招商", "follows no character"),
+        ("招⟨ORG⟩⟨+⟩商", "follows no character"),
+        ("招⟨+⟩商", "continues no entity"),
+        ("招⟨ORG⟩商银⟨+⟩行", "continues no entity"),  # 商 is untagged: 银 cannot continue the entity
+        ("招⟨PER⟩商", "unknown entity type 'PER'"),
+        ("招⟨ORG商", "unclosed ⟨"),
+        ("招商⟩", "⟩ without ⟨"),
+        ("", "empty answer"),
+    ],
+)
+def test_off_format_tagged_answers_are_not_ok(answer, error):
+    parsed = parse_response(TAGGED, answer, TEXT)
     assert not parsed.ok and error in parsed.error

@@ -9,6 +9,10 @@ Response formats (short, because the tiny default model pays for every token):
 - extraction, ``answer_format: inline``: the input text echoed with each entity marked, e.g.
   ``在⟦ORG:招商银行⟧存了⟦MONEY:5000元⟧``. Longer, but every answer token is a copy of the text, so a small
   model learns to copy (and spans come out as exact positions);
+- extraction, ``answer_format: tagged``: the input text echoed with a tag after every entity character:
+  ``⟨TYPE⟩`` after the first, ``⟨+⟩`` after each further one, e.g. ``在招⟨ORG⟩商⟨+⟩银⟨+⟩行⟨+⟩存了``. Each tag
+  is decided right after its character is written, so a left-to-right model sees the character it labels;
+  with inline marks it must decide where a name starts or ends before it sees the next character;
 - generation: the text itself.
 """
 
@@ -23,6 +27,9 @@ ITEM_SEP = "|"
 TYPE_SEP = ":"
 MARK_OPEN = "⟦"  # U+27E6/U+27E7: brackets that financial text does not use, unlike 【】
 MARK_CLOSE = "⟧"
+TAG_OPEN = "⟨"  # U+27E8/U+27E9, as rare in financial text as the marks
+TAG_CLOSE = "⟩"
+TAG_CONTINUE = "+"  # ⟨+⟩: this character continues the entity of the character before it
 
 
 @dataclass
@@ -46,6 +53,8 @@ def format_response(task: TaskSpec, record: dict) -> str:
     value = record[task.field]
     if task.type == "extraction" and task.answer_format == "inline":
         return inline_markup(record["text"], value)
+    if task.type == "extraction" and task.answer_format == "tagged":
+        return tagged_markup(record["text"], value)
     if task.type == "extraction":
         ordered = sorted(value, key=lambda s: (s["start"], s["end"]))
         items = [f"{s['type']}{TYPE_SEP}{record['text'][s['start'] : s['end']]}" for s in ordered]
@@ -66,10 +75,34 @@ def inline_markup(text: str, spans: list[dict]) -> str:
     return "".join(out)
 
 
+def entity_tag(kind: str) -> str:
+    """The tag after an entity's first character (⟨PER⟩); `TAG_CONTINUE` gives the continuation tag ⟨+⟩."""
+    return f"{TAG_OPEN}{kind}{TAG_CLOSE}"
+
+
+def tagged_markup(text: str, spans: list[dict]) -> str:
+    """`text` with ⟨TYPE⟩ after each span's first character and ⟨+⟩ after every further one (nested or
+    overlapping spans: the first wins)."""
+    tags: dict[int, str] = {}
+    cursor = 0
+    for span in sorted(spans, key=lambda s: (s["start"], -s["end"])):
+        if span["start"] < cursor or span["end"] <= span["start"]:
+            continue
+        tags[span["start"]] = entity_tag(span["type"])
+        tags.update({i: entity_tag(TAG_CONTINUE) for i in range(span["start"] + 1, span["end"])})
+        cursor = span["end"]
+    return "".join(char + tags.get(i, "") for i, char in enumerate(text))
+
+
+def echoes_text(task: TaskSpec) -> bool:
+    """Whether `task`'s answer is its input text echoed with marks or tags (inline or tagged extraction)."""
+    return task.type == "extraction" and task.answer_format in ("inline", "tagged")
+
+
 def answer_budget(task: TaskSpec, configured: int, text_tokens: int) -> int:
-    """New-token budget of one answer. An inline extraction answer echoes its text, so it gets the text's
-    token count plus `configured` (room for the marks); every other answer gets `configured`."""
-    if task.type == "extraction" and task.answer_format == "inline":
+    """New-token budget of one answer. An inline or tagged extraction answer echoes its text, so it gets the
+    text's token count plus `configured` (room for the marks or tags); every other answer gets `configured`."""
+    if echoes_text(task):
         return text_tokens + configured
     return configured
 
@@ -81,6 +114,8 @@ def parse_response(task: TaskSpec, answer: str, text: str = "") -> Parsed:
         return _parse_label(task, answer)
     if task.type == "extraction" and task.answer_format == "inline":
         return _parse_inline(task, answer, text)
+    if task.type == "extraction" and task.answer_format == "tagged":
+        return _parse_tagged(task, answer, text)
     if task.type == "extraction":
         return _parse_entities(task, answer, text)
     return Parsed(value=answer, ok=bool(answer), error="" if answer else "empty answer", raw=answer)
@@ -146,6 +181,48 @@ def _parse_inline(task: TaskSpec, answer: str, text: str) -> Parsed:
             for at, (kind, surface) in zip(offsets, items, strict=True)
         ]
     else:  # the echo drifted from the input: place the marked surfaces as the items format does
+        spans = locate_spans(items, text) if text else []
+    return Parsed(value=items, ok=not errors, error="; ".join(errors), raw=answer, spans=spans)
+
+
+def _parse_tagged(task: TaskSpec, answer: str, text: str) -> Parsed:
+    """Read ⟨TYPE⟩ / ⟨+⟩ tags out of an echoed text; spans are exact when the echo equals `text`."""
+    if not answer:
+        return Parsed(value=[], ok=False, error="empty answer", raw=answer)
+    echo, spans, errors, cursor = [], [], [], 0
+    tagged_last = False  # whether the character before the current tag position carries a tag
+    while cursor < len(answer):
+        opened = answer.find(TAG_OPEN, cursor)
+        plain = answer[cursor : opened if opened >= 0 else len(answer)]
+        echo.append(plain)
+        tagged_last = tagged_last and not plain
+        if opened < 0:
+            break
+        closed = answer.find(TAG_CLOSE, opened)
+        if closed < 0:
+            errors.append(f"unclosed {TAG_OPEN} at {opened}")
+            break
+        kind, at = answer[opened + 1 : closed], sum(map(len, echo)) - 1
+        cursor = closed + 1
+        if at < 0 or (not plain and (tagged_last or opened == 0)):
+            errors.append(f"tag {answer[opened:cursor]!r} at {opened} follows no character")
+        elif kind == TAG_CONTINUE:
+            if not spans or spans[-1]["end"] != at:
+                errors.append(f"{entity_tag(TAG_CONTINUE)} at {opened} continues no entity")
+            else:
+                spans[-1]["end"] = at + 1
+        elif task.entity_types is not None and kind not in task.entity_types:
+            errors.append(f"unknown entity type {kind!r}")
+        else:
+            spans.append({"start": at, "end": at + 1, "type": kind})
+        tagged_last = True
+    echo = "".join(echo)
+    if TAG_CLOSE in echo:
+        errors.append(f"{TAG_CLOSE} without {TAG_OPEN}")
+    items = [(s["type"], echo[s["start"] : s["end"]]) for s in spans]
+    if text and echo == text:
+        spans = [s | {"text": surface} for s, (_, surface) in zip(spans, items, strict=True)]
+    else:  # the echo drifted from the input: place the tagged surfaces as the items format does
         spans = locate_spans(items, text) if text else []
     return Parsed(value=items, ok=not errors, error="; ".join(errors), raw=answer, spans=spans)
 

@@ -8,7 +8,17 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from .config.data import TaskSpec
-from .tasks import ITEM_SEP, MARK_CLOSE, MARK_OPEN, NO_ENTITY, TYPE_SEP, build_messages, format_response
+from .tasks import (
+    ITEM_SEP,
+    MARK_CLOSE,
+    MARK_OPEN,
+    NO_ENTITY,
+    TAG_CONTINUE,
+    TYPE_SEP,
+    build_messages,
+    entity_tag,
+    format_response,
+)
 
 # DeepSeek-V3's own spellings (fullwidth bars, U+2581 for spaces), so prompts look like the real family's.
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
@@ -64,12 +74,15 @@ _CJK_OR_DIGIT = Regex(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff0-9]")
 
 def answer_vocabulary(tasks: dict[str, TaskSpec]) -> list[str]:
     """The fixed words answers are made of, in params order without repeats: labels, entity types and,
-    for inline extraction, the opening mark of each type (⟦PER:) and the closing mark."""
+    for inline extraction, the opening mark of each type (⟦PER:) and the closing mark; for tagged extraction,
+    the start tag of each type (⟨PER⟩) and the continuation tag (⟨+⟩)."""
     words = []
     for task in tasks.values():
         words += [*(task.labels or []), *(task.entity_types or [])]
         if task.type == "extraction" and task.answer_format == "inline":
             words += [f"{MARK_OPEN}{kind}{TYPE_SEP}" for kind in task.entity_types or []] + [MARK_CLOSE]
+        if task.type == "extraction" and task.answer_format == "tagged":
+            words += [entity_tag(kind) for kind in task.entity_types or []] + [entity_tag(TAG_CONTINUE)]
     return list(dict.fromkeys(words))
 
 

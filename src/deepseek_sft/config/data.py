@@ -24,9 +24,10 @@ class TaskSpec(Section):
     entity_types: list[str] | None = Field(
         default=None, description="allowed entity types (extraction); null = whatever the data holds"
     )
-    answer_format: Literal["items", "inline"] = Field(
+    answer_format: Literal["items", "inline", "tagged"] = Field(
         default="items",
-        description="extraction answers: items = TYPE:text|...; inline = the text echoed with ⟦TYPE:text⟧ marks",
+        description="extraction answers: items = TYPE:text|...; inline = the text echoed with ⟦TYPE:text⟧ "
+        "marks; tagged = the text echoed with ⟨TYPE⟩ after an entity's first character, ⟨+⟩ after the others",
     )
 
 

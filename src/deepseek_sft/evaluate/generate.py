@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from .constrain import ConstrainedRows, EchoConstraint
+from .constrain import ConstrainedRows, Constraint, constrained_scores
 
 # answer tokens so far -> True when the answer can no longer parse (prefix.answer_stop)
 StopFn = Callable[[Sequence[int]], bool]
@@ -103,7 +103,7 @@ def generate_batched(
     progress=None,
     stop: StopFn | None = None,
     rebatch_every: int | None = None,
-    constraints: Sequence[EchoConstraint | None] | None = None,
+    constraints: Sequence[Constraint | None] | None = None,
 ) -> list[list[int]]:
     """Answer token ids (EOS cut) for each prompt, via batched greedy `model.generate`, in input order.
 
@@ -143,7 +143,7 @@ def generate_rows(
     pad_id: int,
     stop: StopFn | None = None,
     rebatch_every: int | None = None,
-    constraints: Sequence[EchoConstraint | None] | None = None,
+    constraints: Sequence[Constraint | None] | None = None,
 ) -> list[list[int]]:
     """Greedy answers of one left-padded batch.
 
@@ -215,7 +215,7 @@ def greedy_one(
     eos_ids: Sequence[int],
     stop_at_eos: bool = True,
     stop: StopFn | None = None,
-    constraint: EchoConstraint | None = None,
+    constraint: Constraint | None = None,
 ) -> tuple[list[int], list[float]]:
     """Greedy-decode one prompt with a KV cache; returns (new tokens, seconds per step; step 0 = prefill).
 
@@ -230,8 +230,7 @@ def greedy_one(
         out = model(input_ids=step_input, use_cache=True, **_forward_kwargs(model, cache))
         logits = out.logits[0, -1]
         if constraint is not None:
-            allowed = torch.tensor(constraint.allowed(tokens), dtype=torch.long, device=logits.device)
-            logits = torch.full_like(logits, float("-inf")).index_copy(0, allowed, logits[allowed])
+            logits = constrained_scores(constraint, tokens, logits)
         token = int(logits.argmax())  # .item() also synchronises a GPU, so the timing is honest
         seconds.append(time.perf_counter() - started)
         cache = _returned_cache(out)
@@ -248,7 +247,7 @@ def generate_naive(
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     stop: StopFn | None = None,
-    constraints: Sequence[EchoConstraint | None] | None = None,
+    constraints: Sequence[Constraint | None] | None = None,
 ) -> list[list[int]]:
     """Reference loop: one prompt at a time (used only by tests/benchmarks against `generate_batched`)."""
     eos_ids = eos_token_ids(model, tokenizer)

@@ -11,7 +11,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from ..config.data import TaskSpec
-from ..tasks import ITEM_SEP, MARK_CLOSE, MARK_OPEN, NO_ENTITY, TYPE_SEP
+from ..tasks import (
+    ITEM_SEP,
+    MARK_CLOSE,
+    MARK_OPEN,
+    NO_ENTITY,
+    TAG_CLOSE,
+    TAG_CONTINUE,
+    TAG_OPEN,
+    TYPE_SEP,
+    parse_response,
+)
 
 REPLACEMENT = "\ufffd"  # a multi-byte character cut between byte-level tokens decodes to this, for now
 
@@ -50,6 +60,16 @@ def _viable_inline(text: str, types: Sequence[str] | None) -> bool:
     return MARK_CLOSE not in text[cursor:]
 
 
+def _viable_tagged(task: TaskSpec, text: str) -> bool:
+    opened = text.rfind(TAG_OPEN)
+    if opened >= 0 and TAG_CLOSE not in text[opened:]:  # the last tag is still being written
+        kinds = [*(task.entity_types or []), TAG_CONTINUE]
+        if task.entity_types is not None and not any(k.startswith(text[opened + 1 :]) for k in kinds):
+            return False
+        text = text[:opened]
+    return not text or parse_response(task, text).ok
+
+
 def viable_prefix(task: TaskSpec, text: str) -> bool:
     """False only if every continuation of the partial answer `text` fails tasks.parse_response."""
     text = text.lstrip().rstrip(REPLACEMENT)
@@ -57,6 +77,8 @@ def viable_prefix(task: TaskSpec, text: str) -> bool:
         return task.labels is None or _complete_or_prefix(text, task.labels)
     if task.type == "extraction" and task.answer_format == "inline":
         return _viable_inline(text, task.entity_types)
+    if task.type == "extraction" and task.answer_format == "tagged":
+        return _viable_tagged(task, text)
     if task.type != "extraction" or not text or _complete_or_prefix(text, [NO_ENTITY]):
         return True
     items = text.split(ITEM_SEP)

@@ -23,7 +23,7 @@ import torch
 from ..base_model import load_model_and_tokenizer
 from ..config.data import TaskSpec
 from ..config.serve import ServeParams
-from ..evaluate.constrain import EchoConstraint, echo_constraint
+from ..evaluate.constrain import Constraint, echo_constraint
 from ..evaluate.core import resolve_device
 from ..evaluate.generate import decode_answers, eos_token_ids, generate_batched
 from ..sft_data import encode_prompt
@@ -63,7 +63,7 @@ class Generation:
 class _Request:
     ids: list[int]
     max_new_tokens: int
-    constraint: EchoConstraint | None = None
+    constraint: Constraint | None = None
     future: Future = field(default_factory=Future)
 
 
@@ -199,8 +199,8 @@ class Engine:
         with self._tok_lock:
             return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def task_constraint(self, task: TaskSpec, text: str) -> EchoConstraint | None:
-        """The decoding constraint of `task`'s answer on `text` (inline extraction), as evaluation uses it."""
+    def task_constraint(self, task: TaskSpec, text: str) -> Constraint | None:
+        """The decoding constraint of `task`'s answer on `text` (inline or tagged extraction), as evaluation uses it."""
         self._require_ready()
         with self._tok_lock:
             return echo_constraint(task, self.tokenizer, text, eos_token_ids(self.model, self.tokenizer))
@@ -243,7 +243,7 @@ class Engine:
             self._worker.join(timeout)
         self._worker = None
 
-    def submit(self, ids: list[int], max_new_tokens: int, constraint: EchoConstraint | None = None) -> Future:
+    def submit(self, ids: list[int], max_new_tokens: int, constraint: Constraint | None = None) -> Future:
         """Queue one prompt (its answer restricted by `constraint`, if any); the Future resolves to a
         Generation (or the generation error)."""
         self._require_ready()
