@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import subprocess
@@ -491,3 +492,33 @@ def test_http_translator_speaks_libretranslate(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def balanced(stage):
+    """The stage's params with augment.balance_by: intent."""
+    return dataclasses.replace(stage, section=stage.section.model_copy(update={"balance_by": "intent"}))
+
+
+def test_balance_by_gives_rare_labels_about_as_many_variants_as_frequent_ones(train_file, stage):
+    records, _ = load_train(train_file, stage.tasks)
+    for i, record in enumerate(records):  # a long tail: 70 card_loss records, 10 fraud_report
+        record["intent"] = "fraud_report" if i % 8 == 0 else "card_loss"
+    plain, even = augment_records(records, stage), augment_records(records, balanced(stage))
+    rare = {
+        name: sum(v["intent"] == "fraud_report" for v in result.variants)
+        for name, result in (("plain", plain), ("balanced", even))
+    }
+    assert len(even.variants) == len(plain.variants) == 48
+    # plain: about 10/80 of 48 = 6. Balanced: the 10 rare records are walked first, one variant each per
+    # method (where the method finds an edit), so up to 30
+    assert rare["plain"] <= 10 and rare["balanced"] >= max(14, 2 * rare["plain"])
+    share = even.metrics
+    assert share["balance_rarest_share_before"] == pytest.approx(10 / 80)
+    assert share["balance_rarest_share_after"] == pytest.approx((10 + rare["balanced"]) / 128)
+
+
+def test_balance_by_a_field_a_record_lacks_names_the_record(train_file, stage):
+    records, _ = load_train(train_file, stage.tasks)
+    del records[3]["intent"]
+    with pytest.raises(ValueError, match=rf"balance_by: record '{records[3]['id']}' has no 'intent' label"):
+        augment_records(records, balanced(stage))

@@ -10,7 +10,9 @@ Entity spans stay aligned: no edit touches a character inside an entity, offsets
 each edit, reordered clauses carry their spans, and every span of a variant is checked to cover exactly
 its source entity text. Labels are copied; the per-annotator `annotations` (offsets into the old text)
 are dropped from variants. `ratio` * len(train) variants are shared equally by the methods; each method
-walks the records in a seeded order and skips texts that already exist.
+walks the records in a seeded order and skips texts that already exist. With `balance_by` (a label field),
+the order is weighted by 1 / label frequency, so rare labels (the long tail that macro-F1 weighs as much as
+the head) get about as many variants as frequent ones.
 
 Output: the train lines verbatim, then the variants (id ``<id>-aug-<method>-<pass>``, an ``augment``
 key naming method and source). With `enabled: false` the output is a byte copy of train.jsonl.
@@ -182,14 +184,50 @@ def make_variant(record: dict, edited: Edited, method: str, n_pass: int) -> dict
     return variant
 
 
+def balance_weights(records: list[dict], field: str | None) -> list[float] | None:
+    """1 / frequency of each record's `field` label (None without a field); a record lacking it is an error."""
+    if field is None:
+        return None
+    missing = next((r["id"] for r in records if r.get(field) is None), None)
+    if missing is not None:
+        raise ValueError(f"augment.balance_by: record {missing!r} has no {field!r} label to balance by")
+    counts = Counter(r[field] for r in records)
+    return [1.0 / counts[r[field]] for r in records]
+
+
+def rarest_label_share(records: list[dict], variants: list[dict], field: str) -> dict[str, float]:
+    """The rarest `field` label of the train records, and its share before and after augmentation."""
+    before = Counter(r.get(field) for r in records)
+    rarest = min(before, key=lambda label: (before[label], str(label)))
+    after = before[rarest] + sum(v.get(field) == rarest for v in variants)
+    return {
+        "balance_rarest_share_before": before[rarest] / len(records),
+        "balance_rarest_share_after": after / (len(records) + len(variants)),
+    }
+
+
+def walk_order(n: int, weights: list[float] | None, rng: random.Random) -> list[int]:
+    """A seeded random order of range(n); with weights, a weighted one (Efraimidis-Spirakis: sort by u^(1/w))."""
+    if weights is None:
+        return rng.sample(range(n), n)
+    keys = [rng.random() ** (1.0 / w) for w in weights]
+    return sorted(range(n), key=keys.__getitem__, reverse=True)
+
+
 def run_method(
-    method: Method, records: list[dict], fields: list[str], quota: int, rng: random.Random, seen: set[str]
+    method: Method,
+    records: list[dict],
+    fields: list[str],
+    quota: int,
+    rng: random.Random,
+    seen: set[str],
+    weights: list[float] | None = None,
 ) -> tuple[list[dict], Counter]:
     """Variants of one method until `quota` is met or every record was tried in every pass."""
     added, counts = [], Counter()
     # one pass more than the quota needs: duplicates and records without a variant leave gaps to fill
     for n_pass in range(math.ceil(quota / len(records)) + 1 if quota else 0):
-        order = rng.sample(range(len(records)), len(records))
+        order = walk_order(len(records), weights, rng)
         for at in range(0, len(order), method.chunk):
             if len(added) >= quota:
                 return added, counts
@@ -223,11 +261,12 @@ def augment_records(
     methods = params.methods if params.enabled else []
     seen = {r["text"] for r in records}
     mentions = MentionPool([spans_of(r, fields) for r in records], [r["text"] for r in records])
+    weights = balance_weights(records, params.balance_by if methods else None)
     for name, quota in quotas(round(params.ratio * len(records)), methods).items():
         # one stream per method: adding or removing a method does not change the others' variants
         rng = random.Random(f"{stage.seed}:augment:{name}")
         added, counts = run_method(
-            Method(name, params, translator, mentions), records, fields, quota, rng, seen
+            Method(name, params, translator, mentions), records, fields, quota, rng, seen, weights
         )
         result.added[name] = added
         metrics[f"quota_{name}"] = quota
@@ -235,6 +274,8 @@ def augment_records(
         metrics.update({f"{key}_{name}": value for key, value in sorted(counts.items())})
     metrics["added_total"] = len(result.variants)
     metrics["out_records"] = len(records) + len(result.variants)
+    if params.balance_by:  # how the rarest label's share of the records moved
+        metrics |= rarest_label_share(records, result.variants, params.balance_by)
     metrics["augment_seconds"] = round(time.perf_counter() - started, 3)
     result.metrics = metrics
     return result

@@ -75,6 +75,11 @@ class AugmentParams(Section):
         le=10.0,
         description="records added per train record, shared equally by the methods",
     )
+    balance_by: str | None = Field(
+        default=None,
+        description="a label field (e.g. intent): records of rare labels are varied first, so each label "
+        "gets about the same number of variants; null = every record alike",
+    )
     synonym: SynonymParams = Field(default_factory=SynonymParams)
     structure: StructureParams = Field(default_factory=StructureParams)
     mention: MentionParams = Field(default_factory=MentionParams)
