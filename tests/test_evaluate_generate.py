@@ -243,10 +243,14 @@ def test_constrained_batched_answers_echo_the_text_and_equal_the_naive_loop(tmp_
     assert all(c is not None for c in constraints)
     budget = 3 * max(len(c.text_ids) for c in constraints) + 8  # untrained: marks around many tokens
     naive = generate_naive(model, tokenizer, prompts, budget, constraints=constraints)
-    for rebatch in (None, 4):
-        assert (
-            generate_batched(model, tokenizer, prompts, budget, 8, None, None, rebatch, constraints) == naive
+    for rebatch, block in ((None, None), (4, None), (None, 4), (None, 16)):  # step by step, then drafts
+        batched = generate_batched(
+            model, tokenizer, prompts, budget, 8, None, None, rebatch, constraints, block
         )
+        assert batched == naive, (rebatch, block)
+    assert generate_batched(model, tokenizer, prompts, 5, 8, None, None, None, constraints, 4) == [
+        a[:5] for a in naive
+    ]  # the budget cuts a drafted answer where it cuts a step-by-step one
     finished = 0
     answers = decode_answers(tokenizer, naive)
     for record, ids, answer, constraint in zip(records, naive, answers, constraints, strict=True):

@@ -72,7 +72,15 @@ class EvaluateParams(Section):
     )
     constrained_decoding: bool = Field(
         default=True,
-        description="inline extraction answers decode under their grammar: the text echoed, marks in between",
+        description="tagged/inline extraction answers decode under their grammar: the text echoed, tags or "
+        "marks in between",
+    )
+    draft_block: int | None = Field(
+        default=8,
+        ge=2,
+        le=256,
+        description="constrained echo answers: tokens per forward pass, the text ahead as the draft "
+        "(echo_decode.py; same answers, fewer passes); null = one token per pass",
     )
     stop_when_unparseable: bool = Field(
         default=True,

@@ -179,6 +179,7 @@ def predict(model, tokenizer, records, tasks, params: EvaluateParams) -> tuple[d
                 stop,
                 params.rebatch_every,
                 constraints,
+                params.draft_block,
             )
             stats["generate_s"] += time.perf_counter() - started
             stats["generated_tokens"] += sum(len(a) for a in ids)

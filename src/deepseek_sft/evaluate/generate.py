@@ -104,12 +104,15 @@ def generate_batched(
     stop: StopFn | None = None,
     rebatch_every: int | None = None,
     constraints: Sequence[Constraint | None] | None = None,
+    draft_block: int | None = None,
 ) -> list[list[int]]:
     """Answer token ids (EOS cut) for each prompt, via batched greedy `model.generate`, in input order.
 
     Prompts are sorted by length so a batch holds similar lengths (little padding); a row ends at EOS
     (or, with `stop`, once its answer can no longer parse); see `generate_rows` for `rebatch_every`.
-    `constraints` (one per prompt, None = free) restrict each answer to its grammar (constrain.py).
+    `constraints` (one per prompt, None = free) restrict each answer to its grammar (constrain.py); with
+    `draft_block`, a batch whose rows are all constrained decodes `draft_block` tokens per pass
+    (echo_decode.py: the same answers).
     """
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = pad_token_id(tokenizer, eos_ids)
@@ -127,6 +130,7 @@ def generate_batched(
             stop,
             rebatch_every,
             chunk_constraints,
+            draft_block,
         )
         for i, tokens in zip(chunk, rows, strict=True):
             answers[i] = tokens
@@ -144,6 +148,7 @@ def generate_rows(
     stop: StopFn | None = None,
     rebatch_every: int | None = None,
     constraints: Sequence[Constraint | None] | None = None,
+    draft_block: int | None = None,
 ) -> list[list[int]]:
     """Greedy answers of one left-padded batch.
 
@@ -152,6 +157,11 @@ def generate_rows(
     that finished leave the batch (their KV-cache rows are dropped) before it resumes from the cache:
     the same greedy tokens, fewer wasted row-steps.
     """
+    if draft_block and constraints and all(c is not None for c in constraints):
+        from .echo_decode import generate_echo_rows  # it imports this module's helpers
+
+        # constrained answers always parse, so `stop` never fires on them
+        return generate_echo_rows(model, batch, constraints, max_new_tokens, eos_ids, pad_id, draft_block)
     input_ids, mask = left_pad(batch, pad_id, model.device)
     width = input_ids.shape[1]
     criteria = StoppingCriteriaList([StopWhenUnparseable(width, stop)] if stop else [])
