@@ -494,16 +494,17 @@ def test_http_translator_speaks_libretranslate(tmp_path):
         server.server_close()
 
 
-def balanced(stage):
-    """The stage's params with augment.balance_by: intent."""
-    return dataclasses.replace(stage, section=stage.section.model_copy(update={"balance_by": "intent"}))
+def balanced(stage, field: str | None = "intent"):
+    """The stage's params with augment.balance_by set to `field`."""
+    return dataclasses.replace(stage, section=stage.section.model_copy(update={"balance_by": field}))
 
 
 def test_balance_by_gives_rare_labels_about_as_many_variants_as_frequent_ones(train_file, stage):
     records, _ = load_train(train_file, stage.tasks)
     for i, record in enumerate(records):  # a long tail: 70 card_loss records, 10 fraud_report
         record["intent"] = "fraud_report" if i % 8 == 0 else "card_loss"
-    plain, even = augment_records(records, stage), augment_records(records, balanced(stage))
+    plain = augment_records(records, balanced(stage, None))
+    even = augment_records(records, balanced(stage))
     rare = {
         name: sum(v["intent"] == "fraud_report" for v in result.variants)
         for name, result in (("plain", plain), ("balanced", even))
