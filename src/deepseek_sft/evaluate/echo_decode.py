@@ -19,16 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .constrain import Constraint
-
-
-def constrained_choice(constraint: Constraint, generated: Sequence[int], go_on_score: float, scores) -> int:
-    """The token `constrained_scores(...).argmax()` picks: the allowed mark with the highest score, or the
-    one allowed non-mark token scored `go_on_score` (lowest id first on ties, as argmax)."""
-    allowed = constraint.allowed(generated)
-    go_on = next(t for t in allowed if t not in constraint.marks)
-    options = [(go_on_score, go_on)] + [(scores[t], t) for t in allowed if t in constraint.marks]
-    return max(options, key=lambda option: (option[0], -option[1]))[1]
+from .constrain import Constraint, constrained_choice
 
 
 def draft(constraint: Constraint, generated: list[int], length: int, eos_ids: Sequence[int]) -> list[int]:
