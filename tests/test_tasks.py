@@ -105,21 +105,6 @@ def test_inline_marks_of_a_drifted_echo_are_located_in_the_text():
     assert [(s["start"], s["end"]) for s in parsed.spans] == [(0, 4), (6, 11)]
 
 
-@pytest.mark.parametrize(
-    ("answer", "error"),
-    [
-        ("⟦ORG:招商银行转账", "unclosed ⟦"),
-        ("⟦PER:张三⟧转账", "unknown entity type 'PER'"),
-        ("⟦ORG招商银行⟧", "is not ⟦TYPE:text⟧"),
-        ("招商银行⟧转账", "⟧ without ⟦"),
-        ("", "empty answer"),
-    ],
-)
-def test_off_format_inline_answers_are_not_ok(answer, error):
-    parsed = parse_response(INLINE, answer, TEXT)
-    assert not parsed.ok and error in parsed.error
-
-
 TAGGED = INLINE.model_copy(update={"answer_format": "tagged"})
 
 
@@ -155,18 +140,23 @@ def test_tagged_surfaces_of_a_drifted_echo_are_located_in_the_text():
 
 
 @pytest.mark.parametrize(
-    ("answer", "error"),
+    ("task", "answer", "error"),
     [
-        ("⟨ORG⟩招商", "follows no character"),
-        ("招⟨ORG⟩⟨+⟩商", "follows no character"),
-        ("招⟨+⟩商", "continues no entity"),
-        ("招⟨ORG⟩商银⟨+⟩行", "continues no entity"),  # 商 is untagged: 银 cannot continue the entity
-        ("招⟨PER⟩商", "unknown entity type 'PER'"),
-        ("招⟨ORG商", "unclosed ⟨"),
-        ("招商⟩", "⟩ without ⟨"),
-        ("", "empty answer"),
+        (INLINE, "⟦ORG:招商银行转账", "unclosed ⟦"),
+        (INLINE, "⟦PER:张三⟧转账", "unknown entity type 'PER'"),
+        (INLINE, "⟦ORG招商银行⟧", "is not ⟦TYPE:text⟧"),
+        (INLINE, "招商银行⟧转账", "⟧ without ⟦"),
+        (INLINE, "", "empty answer"),
+        (TAGGED, "⟨ORG⟩招商", "follows no character"),
+        (TAGGED, "招⟨ORG⟩⟨+⟩商", "follows no character"),
+        (TAGGED, "招⟨+⟩商", "continues no entity"),
+        (TAGGED, "招⟨ORG⟩商银⟨+⟩行", "continues no entity"),  # 商 is untagged: 银 cannot continue the entity
+        (TAGGED, "招⟨PER⟩商", "unknown entity type 'PER'"),
+        (TAGGED, "招⟨ORG商", "unclosed ⟨"),
+        (TAGGED, "招商⟩", "⟩ without ⟨"),
+        (TAGGED, "", "empty answer"),
     ],
 )
-def test_off_format_tagged_answers_are_not_ok(answer, error):
-    parsed = parse_response(TAGGED, answer, TEXT)
+def test_off_format_echo_answers_are_not_ok(task, answer, error):
+    parsed = parse_response(task, answer, TEXT)
     assert not parsed.ok and error in parsed.error
