@@ -152,17 +152,32 @@ def character_tokens(tokenizer, text: str) -> list[list[int]] | None:
     return groups
 
 
-def echo_constraint(task: TaskSpec, tokenizer, text: str, eos_ids: Sequence[int]) -> Constraint | None:
-    """The constraint of `task`'s answer on `text` (EchoConstraint or TagConstraint), or None: the task does
-    not echo its text, its marks are not single tokens, or (tagged) the tokenizer gives no offsets."""
+def echo_constraints(
+    task: TaskSpec, tokenizer, texts: Sequence[str], eos_ids: Sequence[int]
+) -> list[Constraint | None] | None:
+    """The constraint of `task`'s answer on each of `texts` (EchoConstraint or TagConstraint), or None when
+    the task does not echo its text or its marks are not single tokens (looked up once, not per text). A
+    tagged text gets None when the tokenizer gives no offsets."""
     marks = mark_token_ids(task, tokenizer)
     if marks is None:
         return None
-    text = text.strip()
-    if task.answer_format == "inline":
-        return EchoConstraint(tokenizer(text, add_special_tokens=False)["input_ids"], *marks, eos_ids)
-    chars = character_tokens(tokenizer, text)
-    return None if chars is None else TagConstraint(chars, *marks, eos_ids)
+    out: list[Constraint | None] = []
+    for text in texts:
+        text = text.strip()
+        if task.answer_format == "inline":
+            out.append(
+                EchoConstraint(tokenizer(text, add_special_tokens=False)["input_ids"], *marks, eos_ids)
+            )
+        else:
+            chars = character_tokens(tokenizer, text)
+            out.append(None if chars is None else TagConstraint(chars, *marks, eos_ids))
+    return out
+
+
+def echo_constraint(task: TaskSpec, tokenizer, text: str, eos_ids: Sequence[int]) -> Constraint | None:
+    """`echo_constraints` of one text (a serving request)."""
+    constraints = echo_constraints(task, tokenizer, [text], eos_ids)
+    return None if constraints is None else constraints[0]
 
 
 def constrained_scores(

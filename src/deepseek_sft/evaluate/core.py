@@ -20,7 +20,7 @@ from ..io import DataError, read_jsonl
 from ..sft_data import build_examples, encode_prompt
 from ..tasks import answer_budget, format_response, parse_response
 from . import metrics as M
-from .constrain import echo_constraint, mark_token_ids
+from .constrain import echo_constraints
 from .efficiency import PeakMemory, measure_latency, parameter_stats, sample_prompts, size_on_disk
 from .generate import decode_answers, eos_token_ids, generate_batched, pad_token_id
 from .perplexity import perplexity_by_task, response_nll
@@ -150,10 +150,9 @@ def score_answers(
 
 def answer_constraints(model, tokenizer, task: TaskSpec, records, params: EvaluateParams) -> list | None:
     """One decoding constraint per record (constrain.py), or None when the task's answers decode freely."""
-    if not params.constrained_decoding or mark_token_ids(task, tokenizer) is None:
+    if not params.constrained_decoding:
         return None
-    eos_ids = eos_token_ids(model, tokenizer)
-    return [echo_constraint(task, tokenizer, r["text"], eos_ids) for r in records]
+    return echo_constraints(task, tokenizer, [r["text"] for r in records], eos_token_ids(model, tokenizer))
 
 
 def predict(model, tokenizer, records, tasks, params: EvaluateParams) -> tuple[dict[str, list[str]], dict]:
