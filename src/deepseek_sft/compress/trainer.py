@@ -18,6 +18,7 @@ from transformers.trainer_utils import SaveStrategy
 
 from ..config.train import TrainParams
 from ..sft_data import make_collator
+from ..train.varlen import varlen_attention
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,8 @@ def fine_tune(
             data_collator=make_collator(tokenizer, packing=params.packing),
             **trainer_kwargs,
         )
-        result = trainer.train()
+        with varlen_attention(model, trainer_kwargs.get("teacher"), enabled=params.packing):
+            result = trainer.train()
     model.eval()
     torch.set_num_threads(threads)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -2,8 +2,8 @@
 
 Modules: runner (the stage), setup (threads, precision, TrainingArguments), trainer (loss, optimizer groups),
 moe (router freeze, balance loss, expert load, ZeRO-3 leaves), preflight (parameter table), unfreeze, lora,
-checkpoints (resume), callbacks (dvclive, base-model eval), reports (CSV / PNG / metrics.json), profile
-(configs/profiles overlays).
+checkpoints (resume), callbacks (dvclive, base-model eval), reports (CSV / PNG / metrics.json), varlen (packed-row
+attention), profile (configs/profiles overlays).
 """
 
 from __future__ import annotations

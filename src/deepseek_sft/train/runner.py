@@ -36,6 +36,7 @@ from .setup import (
 )
 from .trainer import SFTTrainer
 from .unfreeze import ProgressiveUnfreeze, frozen_units, never_unfrozen, unit_of
+from .varlen import use_varlen_attention
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class Prepared:
     monitor: RouterMonitor
     intent: Intent
     unfreeze: ProgressiveUnfreeze | None
+    attention: str | None = None  # the implementation varlen attention replaced, restored before saving
 
 
 def make_intent(model: nn.Module, stage: StageParams) -> Intent:
@@ -93,8 +95,10 @@ def make_intent(model: nn.Module, stage: StageParams) -> Intent:
 
 
 def prepare_model(model: nn.Module, stage: StageParams, ds_config: dict | None) -> Prepared:
-    """Apply freeze_router, LoRA, ZeRO-3 leaf marking, router hooks and the unfreezing schedule."""
+    """Apply varlen attention (packed batches), freeze_router, LoRA, ZeRO-3 leaf marking, router hooks and the
+    unfreezing schedule."""
     p = stage.section
+    attention = use_varlen_attention(model) if p.packing else None
     if p.freeze_router and not freeze_routers(model):
         log.warning("freeze_router: this model has no MoE router; nothing frozen")
     if p.lora.enabled:
@@ -111,7 +115,7 @@ def prepare_model(model: nn.Module, stage: StageParams, ds_config: dict | None) 
                 param.requires_grad_(False)
         trainable = {n for n, prm in model.named_parameters() if prm.requires_grad}
         callback = ProgressiveUnfreeze(model, p.unfreeze, int(model.config.num_hidden_layers), trainable)
-    return Prepared(model, monitor, intent, callback)
+    return Prepared(model, monitor, intent, callback, attention)
 
 
 def build_split(path: Path, stage: StageParams, tokenizer) -> tuple[list[dict], dict[str, int]]:
@@ -197,6 +201,8 @@ def run_training(stage: StageParams, load_kwargs: dict, paths: TrainPaths) -> di
     prepared.monitor.detach()
 
     restore_config(trainer.model, saved_config)
+    if prepared.attention is not None:
+        model.set_attn_implementation(prepared.attention)
     doc = {
         "seed": stage.seed,
         "train": p.model_dump(),
