@@ -225,8 +225,8 @@ def logged_losses(reports: Path) -> list[float]:
 # -- params -------------------------------------------------------------------------------------------------
 def test_repo_params_train_section_is_valid():
     section = load_section("train", REPO / "params.yaml").section
-    assert section.deepspeed == "configs/deepspeed/zero2.json" and section.num_processes == 2
-    for name in ("zero2", "zero3", "zero3_offload"):
+    assert section.deepspeed == "configs/deepspeed/zero0.json" and section.num_processes == 2
+    for name in ("zero0", "zero2", "zero3", "zero3_offload"):
         config = load_deepspeed_config(str(REPO / f"configs/deepspeed/{name}.json"))
         assert config["train_micro_batch_size_per_gpu"] == "auto"
     offload = load_deepspeed_config(str(REPO / "configs/deepspeed/zero3_offload.json"))["zero_optimization"]

@@ -1,4 +1,5 @@
-"""Packed-row (varlen) attention: each packed example sees only itself, exactly as if it ran alone."""
+"""Packed-row training speed: varlen attention (each packed example sees only itself, exactly as if it ran
+alone) and the sampler that gives every process the same tokens per step."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import pytest
 import torch
 from transformers import DeepseekV3ForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.trainer_pt_utils import BatchRebalanceSampler
 
+from deepseek_sft.sft_data import make_collator
+from deepseek_sft.train.trainer import PackedRebalanceSampler, SFTTrainer
 from deepseek_sft.train.varlen import (
     VARLEN_ATTENTION,
-    packed_layout,
+    example_lengths,
     use_varlen_attention,
     varlen_attention,
     varlen_sdpa_forward,
@@ -41,19 +45,11 @@ def _forward_backward(model, ids, positions) -> tuple[torch.Tensor, torch.Tensor
     return out.logits.detach(), grad
 
 
-def test_packed_layout_pads_each_example_on_the_right():
-    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
-    gather, real = packed_layout(positions)
-    # padding slots read the example's own first token
-    assert gather.tolist() == [[0, 1, 2, 0], [3, 4, 3, 3], [5, 6, 7, 8]]
-    assert real.tolist() == [0, 1, 2, 4, 5, 8, 9, 10, 11]
-
-
-def test_packed_layout_starts_a_new_example_at_each_row():
-    # two rows that do not restart at 0 (a continuation) still never share attention
-    gather, real = packed_layout(torch.tensor([[3, 4, 5], [7, 8, 9]]))
-    assert gather.tolist() == [[0, 1, 2], [3, 4, 5]]
-    assert real.numel() == 6
+def test_example_lengths_split_a_row_where_positions_restart():
+    assert example_lengths(torch.tensor([0, 1, 2, 0, 1, 0, 1, 2, 3])) == [3, 2, 4]
+    # a row that does not start at 0 (it continues an example) still never shares attention with the row before
+    assert example_lengths(torch.tensor([3, 4, 0, 1])) == [2, 2]
+    assert example_lengths(torch.tensor([7, 8, 9])) == [3]
 
 
 def test_varlen_matches_each_example_alone_and_the_masked_sdpa_row(v3):
@@ -102,3 +98,79 @@ def test_varlen_attention_switches_only_sdpa_and_restores_it(v3):
     assert v3.config._attn_implementation == "sdpa"
     with varlen_attention(v3, enabled=False):
         assert v3.config._attn_implementation == "sdpa"
+
+
+def _rank_tokens(sampler_cls, lengths, world: int, batch: int) -> list[list[int]]:
+    """Tokens each rank gets per optimizer step, and a check that every example is used exactly once."""
+    per_rank = []
+    seen = []
+    for rank in range(world):
+        sampler = sampler_cls(
+            lengths=lengths,
+            effective_batch_size=world * batch,
+            dp_size=world,
+            grad_accum=1,
+            seed=7,
+            rank=rank,
+        )
+        batches = list(sampler)
+        seen += [i for b in batches for i in b]
+        per_rank.append([sum(lengths[i] for i in b) for b in batches])
+    assert sorted(seen) == list(range(len(lengths)))
+    return per_rank
+
+
+def test_packed_rebalance_gives_each_process_the_same_tokens():
+    lengths = torch.randint(20, 170, (32 * 40,), generator=torch.Generator().manual_seed(0)).tolist()
+    spread = {}
+    for cls in (BatchRebalanceSampler, PackedRebalanceSampler):
+        rank0, rank1 = _rank_tokens(cls, lengths, world=2, batch=16)
+        spread[cls] = sum(abs(a - b) / (a + b) for a, b in zip(rank0, rank1, strict=True)) / len(rank0)
+    # the padded cost model (examples x longest) balances the wrong quantity for packed rows
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(1)).tolist()
+    halves = [
+        (sum(lengths[i] for i in order[k : k + 16]), sum(lengths[i] for i in order[k + 16 : k + 32]))
+        for k in range(0, len(order), 32)
+    ]
+    spread["random"] = sum(abs(a - b) / (a + b) for a, b in halves) / len(halves)
+    assert spread[PackedRebalanceSampler] < 0.005
+    assert spread[PackedRebalanceSampler] < spread["random"] / 10
+    assert spread["random"] < spread[BatchRebalanceSampler]
+
+
+def test_sft_trainer_uses_the_packed_cost_only_for_packed_batches(v3, tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast, TrainingArguments
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1}, "[UNK]"))
+    )
+    tokenizer.pad_token = "[PAD]"
+    examples = [{"input_ids": [5] * n, "labels": [5] * n} for n in (4, 9, 6, 3)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        train_sampling_strategy="batch_rebalance",
+        report_to="none",
+        use_cpu=True,
+    )
+    for packing, expected in ((True, PackedRebalanceSampler), (False, BatchRebalanceSampler)):
+        trainer = SFTTrainer(
+            model=v3,
+            args=args,
+            train_dataset=examples,
+            data_collator=make_collator(tokenizer, packing=packing),
+        )
+        assert type(trainer._get_train_sampler()) is expected
+
+
+def test_varlen_splits_each_row_of_a_batch_on_its_own(v3):
+    """Two packed rows with different example boundaries: the same logits as sdpa's per-row block masks."""
+    ids = torch.randint(4, 64, (2, 10), generator=torch.Generator().manual_seed(9))
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5, 6, 0, 1, 2]])
+    v3.eval()
+    with torch.no_grad():
+        expected = v3(input_ids=ids, position_ids=positions, use_cache=False).logits
+        with varlen_attention(v3):
+            got = v3(input_ids=ids, position_ids=positions, use_cache=False).logits
+    assert torch.allclose(got, expected, atol=1e-5)

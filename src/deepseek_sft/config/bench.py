@@ -27,7 +27,7 @@ class BenchParams(Section):
     """
 
     budget_tokens: int = Field(
-        default=40000, ge=1000, description="real (non-padding) train tokens every contender trains on"
+        default=80000, ge=1000, description="real (non-padding) train tokens every contender trains on"
     )
     global_batch_size: int | None = Field(
         default=None,

@@ -27,6 +27,7 @@ TRAINING_ARGUMENTS = (
     "save_steps",
     "save_total_limit",
     "gradient_checkpointing",
+    "train_sampling_strategy",
 )
 
 LORA_MODULES = [
@@ -131,11 +132,16 @@ class TrainParams(Section):
         default="truncate", description="what happens to longer examples (see sft_data)"
     )
     packing: bool = Field(default=True, description="padding-free packing of each batch into one row")
+    train_sampling_strategy: Literal["random", "group_by_length", "batch_rebalance"] = Field(
+        default="batch_rebalance",
+        description="batch_rebalance: each optimizer step's examples split so every process gets about the same"
+        " tokens (the same examples per step as random; no process waits for a longer row)",
+    )
     dropout: float = Field(
         default=0.0, ge=0.0, lt=1.0, description="attention (and any hidden) dropout set on the model config"
     )
     deepspeed: str | None = Field(
-        default="configs/deepspeed/zero2.json",
+        default="configs/deepspeed/zero0.json",
         description="DeepSpeed config (configs/deepspeed/*.json); null = plain single-process Trainer",
     )
     num_processes: int = Field(

@@ -3,15 +3,16 @@
 For a packed row (several examples, position_ids restarting at 0 for each) transformers' sdpa path builds a
 block-diagonal [L, L] mask, and the kernel then scores every pair of positions in the row. A row of 16 examples
 of ~57 tokens is ~900 tokens: 16x the attention work of the examples alone, and 43% of a training step in the
-bench profile. flash-attn's varlen kernel avoids that on CUDA. This does the same with stock SDPA anywhere:
+bench profile. flash-attn's varlen kernel avoids that on CUDA. This does the same with stock SDPA anywhere: the
+row is split into its examples (views, no copies) and each runs causal SDPA on its own.
 
-1. gather the examples of the row into a right-padded [examples, longest] batch,
-2. run causal SDPA on it with no mask (a causal query never sees the padding after it),
-3. scatter the real positions back into the packed order.
+One call per example, not one right-padded [examples, longest] batch: the padded batch pays for the longest
+example 16 times, and on the default data (lengths 20-167) it measured 23 ms per layer (forward + backward,
+1 thread) against 5.4 ms for the loop.
 
 Registered as an attention implementation, not as a mask: transformers then builds no [L, L] mask at all and
 hands the attention function the position_ids, which is all it needs. Training switches to it only for packed
-batches (`use_varlen_attention`); saved models keep `sdpa`.
+batches (`varlen_attention`); saved models keep `sdpa`.
 """
 
 from __future__ import annotations
@@ -27,33 +28,12 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 VARLEN_ATTENTION = "sdpa_varlen"
 
 
-def packed_layout(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gather index [examples, longest] into the flattened row(s), and where its real positions are.
-
-    An example starts wherever position_ids is 0 (and at each row start). Padding slots read the example's own
-    first token: any finite value works, since no real query attends to them.
-    """
-    flat = position_ids.reshape(-1)
-    total = flat.numel()
-    is_start = flat == 0
-    is_start[:: position_ids.shape[-1]] = True
-    starts = torch.nonzero(is_start).flatten()
-    lengths = torch.diff(starts, append=starts.new_tensor([total]))
-    offsets = torch.arange(int(lengths.max()), device=flat.device)
-    real = offsets[None, :] < lengths[:, None]
-    gather = torch.where(real, starts[:, None] + offsets[None, :], starts[:, None])
-    return gather, torch.nonzero(real.reshape(-1)).flatten()
-
-
-def _to_examples(x: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
-    """[rows, heads, L, dim] -> [examples, heads, longest, dim].
-
-    index_select, not advanced indexing: its backward is an index_add, about twice as fast on CPU as the
-    accumulating index_put that x[:, gather] backpropagates through.
-    """
-    rows, heads, length, dim = x.shape
-    flat = x.transpose(0, 1).reshape(heads, rows * length, dim)
-    return flat.index_select(1, gather.reshape(-1)).view(heads, *gather.shape, dim).transpose(0, 1)
+def example_lengths(positions: torch.Tensor) -> list[int]:
+    """The lengths of the examples packed in one row: a new example starts wherever its position is 0."""
+    starts = torch.nonzero(positions == 0).flatten().tolist()
+    if not starts or starts[0] != 0:
+        starts.insert(0, 0)  # a row that continues an example still starts one here
+    return [end - start for start, end in zip(starts, starts[1:] + [positions.numel()], strict=True)]
 
 
 def _pad_last(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -73,21 +53,19 @@ def varlen_sdpa_forward(
     # A mask, a KV cache (keys longer than queries) or no positions: not a packed training row.
     if attention_mask is not None or position_ids is None or key.shape[2] != query.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    rows, heads, length, qk_dim = query.shape
     v_dim = value.shape[-1]
-    gather, real = packed_layout(position_ids.expand(rows, -1))
-    # MLA's values are narrower than its queries/keys (DeepSeek-V3: 128 vs 192); the fused CPU/CUDA kernels need
-    # one head size, else SDPA falls back to the unfused math path. Zero columns of V give zero columns out.
-    out, _ = sdpa_attention_forward(
-        module,
-        _to_examples(query, gather),
-        _to_examples(key, gather),
-        _to_examples(_pad_last(value, qk_dim), gather),
-        None,
-        **kwargs,
-    )
-    out = out[..., :v_dim].reshape(-1, heads, v_dim).index_select(0, real)
-    return out.reshape(rows, length, heads, v_dim), None
+    # MLA's values are narrower than its queries/keys (DeepSeek-V3: 128 vs 192); the fused kernels need one
+    # head size, else SDPA falls back to the unfused math path. Zero columns of V give zero columns out.
+    value = _pad_last(value, query.shape[-1])
+    positions = position_ids.expand(query.shape[0], -1)
+    rows = []
+    for row in range(query.shape[0]):
+        lengths = example_lengths(positions[row])
+        pieces = zip(*(x[row : row + 1].split(lengths, dim=2) for x in (query, key, value)), strict=True)
+        rows.append(
+            torch.cat([sdpa_attention_forward(module, q, k, v, None, **kwargs)[0] for q, k, v in pieces], 1)
+        )
+    return torch.cat(rows)[..., :v_dim], None
 
 
 AttentionInterface.register(VARLEN_ATTENTION, varlen_sdpa_forward)
