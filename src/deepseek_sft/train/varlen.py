@@ -33,7 +33,7 @@ def example_lengths(positions: torch.Tensor) -> list[int]:
     starts = torch.nonzero(positions == 0).flatten().tolist()
     if not starts or starts[0] != 0:
         starts.insert(0, 0)  # a row that continues an example still starts one here
-    return [end - start for start, end in zip(starts, starts[1:] + [positions.numel()], strict=True)]
+    return [end - start for start, end in zip(starts, [*starts[1:], positions.numel()], strict=True)]
 
 
 def _pad_last(x: torch.Tensor, size: int) -> torch.Tensor:
