@@ -32,6 +32,7 @@ from deepseek_sft.tokenizer_build import train_bpe_tokenizer, training_texts
 from deepseek_sft.train import TrainPaths, run_training
 from deepseek_sft.train import checkpoints as ckpt
 from deepseek_sft.train.setup import load_deepspeed_config, resolve_precision, set_dropout
+from deepseek_sft.train.varlen import VARLEN_ATTENTION
 
 from conftest import edit_params
 
@@ -397,9 +398,35 @@ def launch(tmp_path: Path, base: Path, data: dict[str, Path], **train) -> subpro
     )
 
 
+def shm_of(proc: subprocess.Popen) -> list[Path]:
+    """The DeepSpeed CPU all-reduce buffers in /dev/shm of a `launch`ed run (named by its master port)."""
+    port = proc.args[proc.args.index("--master_port") + 1]
+    return list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
+def release_shm_of(proc: subprocess.Popen) -> None:
+    for buffer in shm_of(proc):
+        buffer.unlink(missing_ok=True)
+
+
 def finish(proc: subprocess.Popen, tmp_path: Path, timeout: float = 400) -> dict:
     assert proc.wait(timeout=timeout) == 0, (tmp_path / "train.log").read_text()[-4000:]
     return json.loads((tmp_path / "reports" / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_default_deepspeed_config_two_processes_packed(tmp_path, base_models, train_data):
+    """The stage's default path: ZeRO-0, 2 processes, packed rows split by tokens, per-example attention."""
+    default = load_section("train", REPO / "params.yaml").section
+    assert default.packing and default.train_sampling_strategy == "batch_rebalance"
+    proc = launch(tmp_path, base_models["v3"], train_data, deepspeed=str(REPO / default.deepspeed))
+    metrics = finish(proc, tmp_path)
+    assert metrics["num_processes"] == 2 and metrics["zero_stage"] == 0 and metrics["global_step"] == 6
+    assert not shm_of(proc)  # DeepSpeed's CPU all-reduce buffers (66 MB per process) are gone with the run
+    assert metrics["eval_loss"] < metrics["base_eval_loss"]
+    # varlen attention is a training-time switch: the saved model loads with the stock implementation
+    config = json.loads((tmp_path / "sft" / "config.json").read_text())
+    assert VARLEN_ATTENTION not in json.dumps(config)
 
 
 @pytest.mark.slow
@@ -458,6 +485,7 @@ def test_zero3_offload_killed_mid_run_resumes_from_the_last_checkpoint(tmp_path,
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks: a crash, no clean shutdown
     proc.wait()
+    release_shm_of(proc)  # a killed rank cannot unlink its DeepSpeed buffer; the test does
     killed_at = ckpt.resumed_step(ckpt.latest_checkpoint(checkpoints))
     assert 8 <= killed_at < 120 and not (tmp_path / "sft").exists()
 
