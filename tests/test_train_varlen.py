@@ -3,8 +3,11 @@ alone) and the sampler that gives every process the same tokens per step."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from torch.utils.data import RandomSampler
 from transformers import DeepseekV3ForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.trainer_pt_utils import BatchRebalanceSampler
@@ -100,6 +103,18 @@ def test_varlen_attention_switches_only_sdpa_and_restores_it(v3):
         assert v3.config._attn_implementation == "sdpa"
 
 
+def _word_tokenizer():
+    """A tokenizer with a pad token, for collators over hand-made token ids."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1}, "[UNK]"))
+    )
+    tokenizer.pad_token = "[PAD]"
+    return tokenizer
+
+
 def _rank_tokens(sampler_cls, lengths, world: int, batch: int) -> list[list[int]]:
     """Tokens each rank gets per optimizer step, and a check that every example is used exactly once."""
     per_rank = []
@@ -138,30 +153,64 @@ def test_packed_rebalance_gives_each_process_the_same_tokens():
     assert spread["random"] < spread[BatchRebalanceSampler]
 
 
-def test_sft_trainer_uses_the_packed_cost_only_for_packed_batches(v3, tmp_path):
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast, TrainingArguments
+def test_sft_trainer_rebalances_packed_batches_by_tokens_and_one_group_not_at_all(v3, tmp_path):
+    from transformers import TrainingArguments
 
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1}, "[UNK]"))
-    )
-    tokenizer.pad_token = "[PAD]"
+    tokenizer = _word_tokenizer()
     examples = [{"input_ids": [5] * n, "labels": [5] * n} for n in (4, 9, 6, 3)]
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=2,
-        train_sampling_strategy="batch_rebalance",
-        report_to="none",
-        use_cpu=True,
-    )
-    for packing, expected in ((True, PackedRebalanceSampler), (False, BatchRebalanceSampler)):
-        trainer = SFTTrainer(
-            model=v3,
-            args=args,
-            train_dataset=examples,
-            data_collator=make_collator(tokenizer, packing=packing),
+
+    def sampler(packing: bool, accumulation: int):
+        args = TrainingArguments(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=accumulation,
+            train_sampling_strategy="batch_rebalance",
+            report_to="none",
+            use_cpu=True,
         )
-        assert type(trainer._get_train_sampler()) is expected
+        collator = make_collator(tokenizer, packing=packing)
+        return SFTTrainer(
+            model=v3, args=args, train_dataset=examples, data_collator=collator
+        )._get_train_sampler()
+
+    # two micro-batches per step (here: accumulation; across processes alike) are balanced
+    assert type(sampler(packing=True, accumulation=2)) is PackedRebalanceSampler
+    assert type(sampler(packing=False, accumulation=2)) is BatchRebalanceSampler
+    # one micro-batch per step has nothing to balance: the plain shuffle
+    assert type(sampler(packing=True, accumulation=1)) is RandomSampler
+
+
+def test_training_runs_packed_rows_through_varlen_and_restores_sdpa(v3):
+    """The train stage's preparation and the compress stage's short runs both train on the varlen path."""
+    from transformers import TrainerCallback
+
+    from deepseek_sft.compress.trainer import fine_tune
+    from deepseek_sft.config import load_section
+    from deepseek_sft.train.runner import prepare_model
+
+    stage = load_section("train")
+    assert prepare_model(v3, stage, None).attention == "sdpa"
+    assert v3.config._attn_implementation == VARLEN_ATTENTION
+    v3.set_attn_implementation("sdpa")
+    unpacked = dataclasses.replace(stage, section=stage.section.model_copy(update={"packing": False}))
+    assert prepare_model(v3, unpacked, None).attention is None
+    assert v3.config._attn_implementation == "sdpa"
+
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            seen.append(model.config._attn_implementation)
+
+    tokenizer = _word_tokenizer()
+    examples = [
+        {"input_ids": [5 + i % 7] * n, "labels": [5 + i % 7] * n} for i, n in enumerate((4, 9, 6, 3) * 2)
+    ]
+    fine_tune(
+        v3, tokenizer, examples, max_steps=2, learning_rate=1e-3, batch_size=4, seed=0, callbacks=[Watch()]
+    )
+    assert seen == [VARLEN_ATTENTION, VARLEN_ATTENTION]
+    assert v3.config._attn_implementation == "sdpa"
 
 
 def test_varlen_splits_each_row_of_a_batch_on_its_own(v3):

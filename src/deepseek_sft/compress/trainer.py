@@ -47,7 +47,6 @@ def short_run_params(
         "gradient_accumulation_steps": 1,
         "warmup_steps": min(warmup_steps, max_steps),
         "num_processes": 1,
-        "train_sampling_strategy": "random",  # one process: nothing to balance between processes
         "logging_steps": max(1, max_steps // 10),
         "eval_steps": None,
         "unfreeze": train.unfreeze.model_copy(update={"enabled": False}),

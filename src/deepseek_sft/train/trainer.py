@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import RandomSampler
 from transformers import Trainer
 from transformers.trainer_pt_utils import BatchRebalanceSampler
 
@@ -65,9 +66,12 @@ class SFTTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
-        if self.packed and type(sampler) is BatchRebalanceSampler:
-            return PackedRebalanceSampler.like(sampler)
-        return sampler
+        if type(sampler) is not BatchRebalanceSampler:
+            return sampler
+        if sampler.dp_size * sampler.grad_accum == 1:
+            # one micro-batch per step: nothing to balance, and the plain shuffle keeps the usual order
+            return RandomSampler(train_dataset if train_dataset is not None else self.train_dataset)
+        return PackedRebalanceSampler.like(sampler) if self.packed else sampler
 
     # -- loss -------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
