@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -138,3 +139,38 @@ def test_student_embeddings_start_from_the_teachers_principal_directions():
     assert narrow.get_input_embeddings().weight.pow(2).mean().item() == pytest.approx(
         e_t.pow(2).mean().item(), rel=1e-4
     )
+
+
+def test_short_runs_train_on_every_core_and_give_the_callers_threads_back(monkeypatch):
+    """Compress evaluates with one thread; its training runs must not leave the other cores idle."""
+    from transformers import TrainerCallback
+
+    from deepseek_sft.config.train import TrainParams
+
+    teacher, tokenizer, train = tiny_model(n_records=12)
+    examples, _ = build_examples(train, tasks(), tokenizer, 128)
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            seen.append((torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")))
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    try:
+        params = TrainParams(deepspeed=None, num_processes=1, threads_per_process=2)
+        fine_tune(
+            teacher,
+            tokenizer,
+            examples,
+            train=params,
+            max_steps=2,
+            learning_rate=1e-3,
+            batch_size=4,
+            seed=0,
+            callbacks=[Watch()],
+        )
+        assert seen == [(2, "2"), (2, "2")]
+        assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+    finally:
+        torch.set_num_threads(2)

@@ -1,4 +1,4 @@
-"""The compress stage: build each variant, evaluate it like the SFT model, compare, report, then gate.
+"""The compress stage: build every variant, evaluate them and the SFT model alike, compare, report, then gate.
 
 Outputs:
   models/compressed/<method>/        one loadable checkpoint per method (quantize, prune, expert_prune, distill)
@@ -20,6 +20,7 @@ from ..config.compress import CompressParams
 from ..config.data import TaskSpec
 from ..config.evaluate import EvaluateParams
 from ..config.train import TrainParams
+from ..evaluate.stage import evaluate_all
 from ..io import write_json, write_metrics
 from . import compare as C
 from . import gates as G
@@ -38,14 +39,24 @@ def load_any(path, **load_options):
     return load_model_and_tokenizer(path, **load_options)
 
 
-def evaluate_dir(model_dir, name, test, tasks, eval_params: EvaluateParams, load_options: dict, seed: int):
-    """The evaluate stage's code path on one model directory (load, then evaluate_loaded with its disk size)."""
+def evaluate_dir(
+    model_dir,
+    records: list[dict],
+    tasks: dict[str, TaskSpec],
+    params: EvaluateParams,
+    *,
+    name: str,
+    load_options: dict | None = None,
+    seed: int = 0,
+):
+    """The evaluate stage's code path on one model directory, compressed or not (evaluate_model's signature,
+    so evaluate.stage.evaluate_all can run it in its worker processes)."""
     from ..evaluate.core import evaluate_loaded, resolve_device
 
-    model, tokenizer = load_any(model_dir, **load_options)
-    model.to(resolve_device(eval_params.device))
+    model, tokenizer = load_any(model_dir, **(load_options or {}))
+    model.to(resolve_device(params.device))
     result = evaluate_loaded(
-        model, tokenizer, test, tasks, eval_params, name=name, model_dir=model_dir, seed=seed
+        model, tokenizer, records, tasks, params, name=name, model_dir=model_dir, seed=seed
     )
     result.efficiency["params_held"] = params_held(model)
     return result
@@ -80,23 +91,25 @@ def run_compress(
     out_root, reports_dir = Path(out_root), Path(reports_dir)
     if params.eval_limit:
         eval_params = eval_params.model_copy(update={"limit": params.eval_limit})
-    log.info("evaluating the SFT reference %s", sft_dir)
-    reference = evaluate_dir(sft_dir, "sft", test, tasks, eval_params, load_options, seed).flat()
 
     def load(path):
         return load_any(path, **load_options)
 
-    comparisons, builds, evaluations, outcomes = {}, {}, {"sft": reference}, []
+    # every build first (their training runs use all cores), then every model evaluated, the SFT reference
+    # included, in evaluate's parallel one-thread worker processes
+    builds = {}
     for method in params.methods:
-        out_dir = out_root / method
-        log.info("building %s -> %s", method, out_dir)
+        log.info("building %s -> %s", method, out_root / method)
         builds[method] = build_variant(
-            method, load, sft_dir, out_dir, params, train, tasks, seed, train_params
+            method, load, sft_dir, out_root / method, params, train, tasks, seed, train_params
         )
-        result = evaluate_dir(out_dir, method, test, tasks, eval_params, load_options, seed)
-        evaluations[method] = result.flat()
-        comparisons[method] = G.compare_to_reference(reference, evaluations[method], tasks)
-        comparisons[method]["eval_s"] = result.efficiency["total_s"]
+    models = {"sft": sft_dir} | {method: out_root / method for method in params.methods}
+    results = evaluate_all(models, test, tasks, eval_params, load_options, seed, evaluator=evaluate_dir)
+    reference = results["sft"].flat()
+    comparisons, outcomes = {}, []
+    for method in params.methods:
+        comparisons[method] = G.compare_to_reference(reference, results[method].flat(), tasks)
+        comparisons[method]["eval_s"] = results[method].efficiency["total_s"]
         outcomes.append(G.check_gate(method, comparisons[method], getattr(params, method).gate))
     passed = {o.method: o.passed for o in outcomes}
     sft_row = G.compare_to_reference(reference, reference, tasks)
@@ -109,7 +122,11 @@ def run_compress(
     write_metrics(reports_dir / "metrics.json", metrics)
     write_json(
         reports_dir / "details.json",
-        {"builds": builds, "evaluations": evaluations, "gates": [o.__dict__ for o in outcomes]},
+        {
+            "builds": builds,
+            "evaluations": {name: result.flat() for name, result in results.items()},
+            "gates": [o.__dict__ for o in outcomes],
+        },
     )
     log.info("compress stage: %d variant(s) in %.1fs", len(params.methods), metrics["seconds"])
     G.enforce(outcomes, params.on_fail)

@@ -12,7 +12,6 @@ import logging
 import tempfile
 import time
 
-import torch
 from transformers import Trainer
 from transformers.trainer_utils import SaveStrategy
 
@@ -76,7 +75,7 @@ def fine_tune(
 
     `train` defaults to TrainParams() with `deepspeed: null` (a plain single-process Trainer, as tests use).
     """
-    from ..train.setup import check_launch, resolve_precision, training_arguments
+    from ..train.setup import check_launch, resolve_precision, training_arguments, training_threads
 
     train = train or TrainParams(deepspeed=None, num_processes=1)
     params = short_run_params(
@@ -89,9 +88,9 @@ def fine_tune(
     )
     check_launch(params)
     bf16, fp16, _ = resolve_precision(params)
-    threads = torch.get_num_threads()  # accelerate may reset it (OMP_NUM_THREADS); evaluation must not notice
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="dsft-compress-") as out:
+    # every core for the run (params.threads_per_process), the caller's count (evaluation's) back afterwards
+    with training_threads(params), tempfile.TemporaryDirectory(prefix="dsft-compress-") as out:
         args = training_arguments(params, seed, out, (bf16, fp16))
         # the train stage checkpoints (and so saves at the last step); a short run's result is saved by its caller
         args.save_strategy = SaveStrategy.NO
@@ -107,7 +106,6 @@ def fine_tune(
         with varlen_attention(model, trainer_kwargs.get("teacher"), enabled=params.packing):
             result = trainer.train()
     model.eval()
-    torch.set_num_threads(threads)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     stats = {
         "steps": int(result.global_step),

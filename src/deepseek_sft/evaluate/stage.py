@@ -16,6 +16,7 @@ import logging
 import multiprocessing
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -121,8 +122,11 @@ def evaluate_all(
     params: EvaluateParams,
     load_options: dict | None,
     seed: int,
+    evaluator: Callable[..., ModelResults] | None = None,
 ) -> dict[str, ModelResults]:
-    """evaluate_model for every model, in table order; on CPU in `params.workers` parallel processes.
+    """`evaluator` (default evaluate_model; same signature) for every model, in table order; on CPU in
+    `params.workers` parallel processes. A custom evaluator (e.g. the compress stage's, which also loads
+    compressed checkpoints) must be a module-level function, so the worker processes can import it.
 
     Why processes: the tiny default's matrices are small, so extra OpenMP threads mostly add
     synchronisation (and stall badly when cores are shared); one single-threaded process per model
@@ -130,10 +134,11 @@ def evaluate_all(
     """
     for name, model_dir in models.items():
         log.info("evaluating %s (%s) on %d records x %d tasks", name, model_dir, len(test), len(tasks))
+    evaluator = evaluator or evaluate_model
     workers = parallel_workers(params, len(models))
     if workers <= 1:
         return {
-            name: evaluate_model(path, test, tasks, params, name=name, load_options=load_options, seed=seed)
+            name: evaluator(path, test, tasks, params, name=name, load_options=load_options, seed=seed)
             for name, path in models.items()
         }
     context = multiprocessing.get_context("spawn")
@@ -142,7 +147,7 @@ def evaluate_all(
     ) as pool:
         futures = {
             name: pool.submit(
-                evaluate_model, path, test, tasks, params, name=name, load_options=load_options, seed=seed
+                evaluator, path, test, tasks, params, name=name, load_options=load_options, seed=seed
             )
             for name, path in models.items()
         }

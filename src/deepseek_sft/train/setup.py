@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import socket
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -39,6 +40,25 @@ def configure_threads(params: TrainParams) -> int:
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
     return threads
+
+
+@contextmanager
+def training_threads(params: TrainParams):
+    """`configure_threads` for one run inside a longer process, then the caller's thread count back.
+
+    The compress stage evaluates with one thread per process (tiny decode ops only sync more threads), but its
+    training runs (recovery, distillation) are big enough matrix work to use every core: one thread leaves the
+    second core of a 2-core machine idle for the whole distillation.
+    """
+    before_threads, before_env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    try:
+        yield configure_threads(params)
+    finally:
+        torch.set_num_threads(before_threads)
+        if before_env is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = before_env
 
 
 def local_process_count() -> int:
