@@ -174,3 +174,72 @@ def test_short_runs_train_on_every_core_and_give_the_callers_threads_back(monkey
         assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
     finally:
         torch.set_num_threads(2)
+
+
+# --- the teacher cache ----------------------------------------------------------------------------------------
+
+
+def _online_rows(teacher, batch) -> torch.Tensor:
+    keep = D.target_mask(batch["labels"])
+    features = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
+    with torch.no_grad():
+        return D.target_rows(teacher(**features, logits_to_keep=keep, use_cache=False).logits, keep)
+
+
+def test_teacher_cache_gives_the_teachers_own_rows_for_packed_and_padded_batches():
+    teacher, tokenizer, train = tiny_model(n_records=10)
+    examples, _ = build_examples(train, tasks(), tokenizer, 128)
+    examples = examples + examples[:3]  # duplicates are computed once and found again
+    cache = D.TeacherTargets.compute(teacher, examples, make_collator(tokenizer), batch_size=7)
+    distinct = len({D.example_key(e["input_ids"]) for e in examples})
+    assert len(cache.spans) == distinct == len(examples) - 3
+    assert cache.rows.shape == (sum(map(D.target_count, examples[:-3])), teacher.config.vocab_size)
+    assert D.TeacherTargets.size_gb(examples[:-3], teacher.config.vocab_size) == pytest.approx(
+        cache.rows.numel() * 4 / 1e9
+    )
+    chosen = [examples[i] for i in (12, 0, 31, 5, 30, 7)]
+    for packing in (True, False):
+        batch = make_collator(tokenizer, packing=packing)(chosen)
+        n_targets = int(D.target_mask(batch["labels"]).sum())
+        assert torch.allclose(cache.for_batch(batch, n_targets), _online_rows(teacher, batch), atol=1e-5)
+
+
+def test_teacher_cache_refuses_an_unknown_example_and_a_wrong_target_count():
+    teacher, tokenizer, train = tiny_model(n_records=6)
+    examples, _ = build_examples(train, tasks(), tokenizer, 128)
+    cache = D.TeacherTargets.compute(teacher, examples[:4], make_collator(tokenizer), batch_size=4)
+    with pytest.raises(KeyError, match="not in the teacher cache"):
+        cache.for_batch(make_collator(tokenizer)(examples[4:6]), 1)
+    batch = make_collator(tokenizer)(examples[:2])
+    with pytest.raises(ValueError, match=r"teacher cache: \d+ rows for a batch with 1 target tokens"):
+        cache.for_batch(batch, 1)
+
+
+def test_cached_distillation_follows_the_online_teacher_step_for_step():
+    """Same seed, same examples: the cached run's KL and CE are the online run's (the teacher is the same)."""
+    runs = {}
+    for budget in (0.0, 1e-9, 1.0):  # never, too small a budget, room
+        teacher, tokenizer, train = tiny_model(n_records=20)
+        examples, _ = build_examples(train, tasks(), tokenizer, 128)
+        student = D.build_student(teacher, small_student(hidden_size=32), seed=0)
+        trainer, _ = fine_tune(
+            student,
+            tokenizer,
+            examples,
+            max_steps=4,
+            learning_rate=1e-2,
+            batch_size=8,
+            seed=0,
+            trainer_class=D.distill_trainer_class(),
+            teacher=teacher,
+            temperature=2.0,
+            alpha=0.5,
+            teacher_cache_max_gb=budget,
+        )
+        runs[budget] = trainer
+    online, cached = runs[0.0], runs[1.0]
+    assert online.cache_stats["teacher_cached"] == runs[1e-9].cache_stats["teacher_cached"] == 0
+    assert cached.cache_stats["teacher_cached"] == 1
+    assert 0 < cached.cache_stats["teacher_cache_gb"] < 1.0
+    for part in ("kl", "ce"):
+        assert cached.loss_parts[part] == pytest.approx(online.loss_parts[part], rel=1e-4)

@@ -4,12 +4,16 @@ Loss per step: alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + 
 both over the response tokens only (the SFT labels mask the prompt). T^2 keeps the soft-target gradients on
 the scale of the hard-target ones (Hinton et al., 2015). The student shares the teacher's tokenizer, so the two
 vocabularies (and logits) line up token for token. Training runs through the train stage's Trainer machinery
-(`DistillTrainer` only swaps the loss); the teacher stays frozen in eval mode beside it.
+(`DistillTrainer` only swaps the loss); the teacher stays frozen in eval mode beside it. When its logits at
+the target tokens fit the memory budget, the teacher runs once per distinct example before training
+(`TeacherTargets`) instead of at every step.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import time
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +25,10 @@ from ..sft_data import IGNORE_INDEX
 from .trainer import base_trainer_class
 
 log = logging.getLogger(__name__)
+
+# examples per teacher forward pass while filling the cache: larger than a training batch, since no
+# gradients are kept (fewer, fuller passes)
+CACHE_BATCH_SIZE = 64
 
 
 def student_config(teacher_config, student: StudentParams):
@@ -99,6 +107,80 @@ def response_kl(
     return kl_divergence(target_rows(student_logits, keep), target_rows(teacher_logits, keep), temperature)
 
 
+def example_key(input_ids) -> bytes:
+    """An example's identity in the teacher cache: its token ids (equal ids, equal teacher logits)."""
+    return torch.as_tensor(input_ids, dtype=torch.int64).numpy().tobytes()
+
+
+def batch_examples(inputs: dict) -> list[torch.Tensor]:
+    """The token ids of each example in a collated batch, in order: packed rows are split where position
+    ids restart, right-padded rows are cut at their attention mask."""
+    ids = inputs["input_ids"]
+    if "attention_mask" in inputs:
+        return [row[mask.bool()] for row, mask in zip(ids, inputs["attention_mask"], strict=True)]
+    examples = []
+    for row, positions in zip(ids, inputs["position_ids"], strict=True):
+        starts = [*(positions == 0).nonzero().flatten().tolist(), row.numel()]
+        examples += [row[a:b] for a, b in itertools.pairwise(starts)]
+    return examples
+
+
+def target_count(example: dict) -> int:
+    """Target rows of one example: its response tokens (position 0 is always prompt, never a target)."""
+    return sum(1 for label in example["labels"] if label != IGNORE_INDEX)
+
+
+class TeacherTargets:
+    """The frozen teacher's logits at every example's target positions, computed once before training.
+
+    A distillation step otherwise spends about half its time on the teacher's forward pass, and the default
+    run shows the student each example ~1.9 times (1,500 steps x 16 of 12,471 examples). Rows are stored in
+    float32, as the teacher returns them, and looked up by the example's token ids.
+    """
+
+    def __init__(self, rows: torch.Tensor, spans: dict[bytes, tuple[int, int]]):
+        self.rows, self.spans = rows, spans
+
+    @staticmethod
+    def size_gb(examples: list[dict], vocab_size: int) -> float:
+        """Memory the cache takes: every target row, vocabulary-wide, in float32."""
+        return sum(target_count(e) for e in examples) * vocab_size * 4 / 1e9
+
+    @classmethod
+    @torch.no_grad()
+    def compute(cls, teacher: nn.Module, examples: list[dict], collator, batch_size: int) -> TeacherTargets:
+        """Run the teacher over the distinct examples, `batch_size` at a time, through the training collator."""
+        distinct = list({example_key(e["input_ids"]): e for e in examples}.items())
+        counts = [target_count(e) for _, e in distinct]
+        rows = torch.empty(sum(counts), teacher.config.vocab_size, dtype=torch.float32)
+        starts = [0, *itertools.accumulate(counts)]
+        spans = {key: (starts[i], starts[i + 1]) for i, (key, _) in enumerate(distinct)}
+        teacher.eval()
+        for first in range(0, len(distinct), batch_size):
+            batch = collator([e for _, e in distinct[first : first + batch_size]])
+            batch = {k: v.to(teacher.device) for k, v in batch.items() if k != "shift_labels"}
+            keep = target_mask(batch.pop("labels"))
+            logits = teacher(**batch, logits_to_keep=keep, use_cache=False).logits
+            end = starts[min(first + batch_size, len(distinct))]
+            rows[starts[first] : end] = target_rows(logits, keep).float().cpu()
+        return cls(rows, spans)
+
+    def for_batch(self, inputs: dict, n_targets: int) -> torch.Tensor:
+        """[n_targets, vocab] teacher rows of a collated batch, in the order target_rows gives the student's."""
+        try:
+            spans = [self.spans[example_key(ids)] for ids in batch_examples(inputs)]
+        except KeyError:
+            raise KeyError(
+                "a batch example is not in the teacher cache (was it built from these examples?)"
+            ) from None
+        rows = torch.cat([self.rows[a:b] for a, b in spans])
+        if rows.shape[0] != n_targets:
+            raise ValueError(
+                f"teacher cache: {rows.shape[0]} rows for a batch with {n_targets} target tokens"
+            )
+        return rows
+
+
 def distill_trainer_class():
     """`DistillTrainer`: the train stage's SFTTrainer with the distillation loss added."""
     base = base_trainer_class()
@@ -107,32 +189,65 @@ def distill_trainer_class():
         """SFTTrainer whose loss is alpha * T^2 * KL(teacher || student) + (1 - alpha) * CE.
 
         SFTTrainer computes the student's logits only at target positions (`logits_to_keep` mask); the
-        teacher runs with the same mask, so both give the same [n_targets, vocab] rows.
+        teacher's rows at the same positions come from its cache (computed once, when it takes at most
+        `teacher_cache_max_gb`) or from running the teacher with the same mask at every step.
         """
 
-        def __init__(self, *args, teacher: nn.Module, temperature: float, alpha: float, **kwargs):
+        def __init__(
+            self,
+            *args,
+            teacher: nn.Module,
+            temperature: float,
+            alpha: float,
+            teacher_cache_max_gb: float = 0.0,
+            **kwargs,
+        ):
             super().__init__(*args, **kwargs)
             self.teacher = teacher.eval().requires_grad_(False)
             self.temperature, self.alpha = temperature, alpha
+            self.teacher_cache_max_gb = teacher_cache_max_gb
+            self.teacher_targets: TeacherTargets | None = None
             self.loss_parts: dict[str, list[float]] = {"kl": [], "ce": []}
+            self.cache_stats: dict[str, float] = {}
+
+        def train(self, *args, **kwargs):
+            """Fill the teacher cache first when it fits (inside the caller's thread and attention setup)."""
+            gb = TeacherTargets.size_gb(self.train_dataset, self.teacher.config.vocab_size)
+            self.cache_stats = {"teacher_cache_gb": gb, "teacher_cache_s": 0.0, "teacher_cached": 0}
+            if 0 < gb <= self.teacher_cache_max_gb and self.teacher_targets is None:
+                started = time.perf_counter()
+                self.teacher_targets = TeacherTargets.compute(
+                    self.teacher, self.train_dataset, self.data_collator, CACHE_BATCH_SIZE
+                )
+                self.cache_stats |= {"teacher_cache_s": time.perf_counter() - started, "teacher_cached": 1}
+                log.info(
+                    "teacher cache: %.2f GB of target logits in %.1fs",
+                    gb,
+                    self.cache_stats["teacher_cache_s"],
+                )
+            return super().train(*args, **kwargs)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             ce, outputs = super().compute_loss(
                 model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
             )
             keep = target_mask(inputs["labels"])
-            features = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
-            with torch.no_grad():
-                self.teacher.to(outputs.logits.device)
-                teacher_logits = self.teacher(**features, logits_to_keep=keep, use_cache=False).logits
-            kl = kl_divergence(
-                target_rows(outputs.logits, keep), target_rows(teacher_logits, keep), self.temperature
-            )
+            student_rows = target_rows(outputs.logits, keep)
+            kl = kl_divergence(student_rows, self._teacher_rows(inputs, keep), self.temperature)
             if model.training:
                 self.loss_parts["kl"].append(float(kl.detach()))
                 self.loss_parts["ce"].append(float(ce.detach()))
             loss = self.alpha * kl + (1.0 - self.alpha) * ce
             return (loss, outputs) if return_outputs else loss
+
+        def _teacher_rows(self, inputs: dict, keep: torch.Tensor) -> torch.Tensor:
+            if self.teacher_targets is not None:
+                return self.teacher_targets.for_batch(inputs, int(keep.sum())).to(keep.device)
+            features = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
+            with torch.no_grad():
+                self.teacher.to(keep.device)
+                logits = self.teacher(**features, logits_to_keep=keep, use_cache=False).logits
+            return target_rows(logits, keep)
 
     return DistillTrainer
 

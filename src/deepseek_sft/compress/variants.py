@@ -122,6 +122,7 @@ def build_distill(
         teacher=teacher,
         temperature=d.temperature,
         alpha=d.alpha,
+        teacher_cache_max_gb=d.teacher_cache_max_gb,
     )
     info = {"teacher": str(sft_dir), "temperature": d.temperature, "alpha": d.alpha, "steps": stats["steps"]}
     save_plain(student, tokenizer, out_dir, {"dsft_distillation": info})
@@ -134,6 +135,7 @@ def build_distill(
         "init_embedding_energy_kept": kept_energy,
         "final_kl": sum(parts["kl"][-tail:]) / tail if parts["kl"] else float("nan"),
         "final_ce": sum(parts["ce"][-tail:]) / tail if parts["ce"] else float("nan"),
+        **trainer.cache_stats,
     }
 
 

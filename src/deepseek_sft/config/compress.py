@@ -157,6 +157,13 @@ class DistillParams(Section):
         description="start the student's embeddings (and untied lm_head) from the teacher's, SVD-projected "
         "to the student's width; false = random init",
     )
+    teacher_cache_max_gb: float = Field(
+        default=2.0,
+        ge=0.0,
+        description="compute the teacher's logits at every target token once, before training, and keep them "
+        "in memory when they take at most this many GB (targets x vocabulary x 4 bytes); larger (a real "
+        "vocabulary) or 0: the teacher runs at every step",
+    )
     student: StudentParams = Field(default_factory=StudentParams)
     gate: GateParams = Field(
         default_factory=lambda: GateParams(max_relative_f1_loss=0.08, min_size_ratio=7.0),
