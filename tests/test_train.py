@@ -423,10 +423,45 @@ def test_default_deepspeed_config_two_processes_packed(tmp_path, base_models, tr
     metrics = finish(proc, tmp_path)
     assert metrics["num_processes"] == 2 and metrics["zero_stage"] == 0 and metrics["global_step"] == 6
     assert not shm_of(proc)  # DeepSpeed's CPU all-reduce buffers (66 MB per process) are gone with the run
+    assert metrics["allreduce_shm"] == 1  # gradients summed in shared memory, not through gloo
     assert metrics["eval_loss"] < metrics["base_eval_loss"]
     # varlen attention is a training-time switch: the saved model loads with the stock implementation
     config = json.loads((tmp_path / "sft" / "config.json").read_text())
     assert VARLEN_ATTENTION not in json.dumps(config)
+
+
+SHM_ALLREDUCE_CHECK = """
+import json, sys, torch
+import deepspeed.comm as dist
+from deepseek_sft.train.setup import init_deepspeed_comm, release_deepspeed_shm
+torch.set_num_threads(1)
+routed = init_deepspeed_comm()
+rank = dist.get_rank()
+total = torch.arange(9_000_001, dtype=torch.float32) * (rank + 1)  # 36 MB: two 32 MB kernel chunks
+dist.all_reduce(total)
+largest = torch.tensor([float(rank), 10.0 - rank])
+dist.all_reduce(largest, op=dist.ReduceOp.MAX)  # not a SUM: gloo
+halves = torch.full((3,), 0.5, dtype=torch.bfloat16)
+dist.all_reduce(halves)  # not fp32: gloo
+expected = torch.arange(9_000_001, dtype=torch.float32) * 3
+result = {"routed": routed, "sum_exact": bool(torch.equal(total, expected)), "max": largest.tolist(),
+          "bf16": halves.float().tolist()}
+release_deepspeed_shm()
+if rank == 0:
+    json.dump(result, open(sys.argv[-1], "w"))  # the launcher puts --local_rank first
+"""
+
+
+@pytest.mark.slow
+def test_shm_allreduce_sums_like_gloo_and_leaves_other_calls_to_it(tmp_path):
+    """DeepSpeed's shared-memory kernel takes fp32 SUMs over every rank; anything else still goes to gloo."""
+    script, out = tmp_path / "check.py", tmp_path / "result.json"
+    script.write_text(SHM_ALLREDUCE_CHECK)
+    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(_free_port()), str(script), str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result == {"routed": True, "sum_exact": True, "max": [1.0, 10.0], "bf16": [1.0, 1.0, 1.0]}
 
 
 @pytest.mark.slow

@@ -152,8 +152,7 @@ def run_training(stage: StageParams, load_kwargs: dict, paths: TrainPaths) -> di
     bf16, fp16, notes = resolve_precision(p)
     args = training_arguments(p, stage.seed, paths.checkpoints, (bf16, fp16))
     is_main = args.process_index == 0
-    if ds_config is not None:
-        init_deepspeed_comm()
+    shm_allreduce = init_deepspeed_comm() if ds_config is not None else False
 
     set_seed(stage.seed)
     model, tokenizer = load_model_and_tokenizer(paths.base, **load_kwargs)
@@ -226,6 +225,7 @@ def run_training(stage: StageParams, load_kwargs: dict, paths: TrainPaths) -> di
         "num_processes": args.world_size,
         "threads_per_process": threads,
         "zero_stage": zero_stage(ds_config),
+        "allreduce_shm": int(shm_allreduce),
         "bf16": bf16,
         "fp16": fp16,
         "params_total": sum(r["params"] for r in table),

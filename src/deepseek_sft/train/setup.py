@@ -114,8 +114,9 @@ def load_deepspeed_config(path: str | None) -> dict | None:
     return config
 
 
-def init_deepspeed_comm() -> None:
-    """Attach deepspeed.comm to the process group accelerate created.
+def init_deepspeed_comm() -> bool:
+    """Attach deepspeed.comm to the process group accelerate created, then `use_shm_allreduce` where it applies
+    (returned: whether it does).
 
     On CPU accelerate sets up torch.distributed (gloo) itself and leaves deepspeed.comm alone, so ZeRO-3's
     zero.Init (run by from_pretrained) would see a world of 1 and reject the batch size.
@@ -124,6 +125,54 @@ def init_deepspeed_comm() -> None:
 
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed()  # backend from the accelerator: gloo on CPU, nccl on CUDA
+    shm = use_shm_allreduce()
+    if shm:
+        log.info("gradient all-reduce: DeepSpeed's shared-memory kernel (one node, CPU)")
+    return shm
+
+
+def use_shm_allreduce() -> bool:
+    """Send DeepSpeed's all-reduces on a one-node CPU run through its shared-memory kernel instead of gloo.
+
+    DeepSpeed sums training gradients with torch.distributed, which is gloo on CPU: 13.5-18 ms per step for the
+    tiny default's 16.6 MB of fp32 gradients here, 5-6% of a step. Its shared-memory kernel (built for
+    `inference_all_reduce`) sums the same tensor in 3.9 ms, in the same order for two ranks, so training is
+    bit-for-bit the same. It serves blocking whole-world SUMs of contiguous fp32 CPU tensors (ZeRO-0/1/2
+    gradient buckets); any other call keeps gloo. Returns whether the route is on.
+    """
+    import deepspeed.comm.comm as ds_comm
+
+    backend = ds_comm.cdb
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    kernel = getattr(getattr(torch.ops, "deepspeed", None), "inference_all_reduce_", None)
+    if (
+        backend is None
+        or torch.cuda.is_available()
+        or world <= 1
+        or local_process_count() != world  # the shared memory spans this node only
+        or kernel is None
+        or getattr(backend, "shm_vector_kernel_level", 0) < 1  # its fp32 path needs avx2
+        or getattr(backend.all_reduce, "shm_route", False)
+    ):
+        return getattr(getattr(backend, "all_reduce", None), "shm_route", False)
+    gloo_all_reduce = backend.all_reduce
+
+    def all_reduce(tensor, op=torch.distributed.ReduceOp.SUM, group=None, async_op=False):
+        if (
+            not async_op
+            and backend._reduce_op(op) == torch.distributed.ReduceOp.SUM
+            and tensor.device.type == "cpu"
+            and tensor.dtype == torch.float32
+            and tensor.is_contiguous()
+            and torch.distributed.get_world_size(group) == world  # the kernel always spans every rank
+        ):
+            kernel(tensor)
+            return None
+        return gloo_all_reduce(tensor, op=op, group=group, async_op=async_op)
+
+    all_reduce.shm_route = True
+    backend.all_reduce = all_reduce
+    return True
 
 
 def deepspeed_shm_buffer() -> Path | None:
