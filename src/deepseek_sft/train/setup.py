@@ -143,18 +143,21 @@ def use_shm_allreduce() -> bool:
     import deepspeed.comm.comm as ds_comm
 
     backend = ds_comm.cdb
+    if backend is None:
+        return False
+    if getattr(backend.all_reduce, "shm_route", False):
+        return True  # routed by an earlier call in this process
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     kernel = getattr(getattr(torch.ops, "deepspeed", None), "inference_all_reduce_", None)
-    if (
-        backend is None
-        or torch.cuda.is_available()
-        or world <= 1
-        or local_process_count() != world  # the shared memory spans this node only
-        or kernel is None
-        or getattr(backend, "shm_vector_kernel_level", 0) < 1  # its fp32 path needs avx2
-        or getattr(backend.all_reduce, "shm_route", False)
-    ):
-        return getattr(getattr(backend, "all_reduce", None), "shm_route", False)
+    usable = (
+        not torch.cuda.is_available()
+        and world > 1
+        and local_process_count() == world  # the shared memory spans this node only
+        and kernel is not None
+        and getattr(backend, "shm_vector_kernel_level", 0) >= 1  # its fp32 path needs avx2
+    )
+    if not usable:
+        return False
     gloo_all_reduce = backend.all_reduce
 
     def all_reduce(tensor, op=torch.distributed.ReduceOp.SUM, group=None, async_op=False):
