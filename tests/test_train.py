@@ -591,3 +591,19 @@ def test_profile_flags_and_invalid_profiles(tmp_path):
     apply_profile(new_key, params)
     section = load_section("train", params).section
     assert section.unfreeze.every == 7 and section.eval_steps == 50
+
+
+def test_deepspeed_ops_compile_into_the_virtualenv_unless_told_otherwise(tmp_path):
+    """Two checkouts must not recompile each other's DeepSpeed op (~27 s) through ~/.cache/torch_extensions."""
+    probe = "import os, deepseek_sft; print(os.environ['TORCH_EXTENSIONS_DIR'])"
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    own = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert own.stdout.strip() == str(Path(sys.prefix) / "torch_extensions")
+    chosen = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**env, "TORCH_EXTENSIONS_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert chosen.stdout.strip() == str(tmp_path)
