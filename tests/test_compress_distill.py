@@ -81,6 +81,24 @@ def small_student(hidden_size: int) -> StudentParams:
     )
 
 
+def distill(student, teacher, tokenizer, examples, *, max_steps: int, alpha: float, **kwargs):
+    """A short distillation run through fine_tune (8 examples per step, lr 1e-2, T = 2, seed 0)."""
+    return fine_tune(
+        student,
+        tokenizer,
+        examples,
+        max_steps=max_steps,
+        learning_rate=1e-2,
+        batch_size=8,
+        seed=0,
+        trainer_class=D.distill_trainer_class(),
+        teacher=teacher,
+        temperature=2.0,
+        alpha=alpha,
+        **kwargs,
+    )
+
+
 @pytest.mark.slow
 def test_short_distillation_run_trains_and_saves_a_loadable_student(tmp_path):
     teacher, tokenizer, train = tiny_model(n_records=30)
@@ -98,19 +116,7 @@ def test_short_distillation_run_trains_and_saves_a_loadable_student(tmp_path):
             ).item()
 
     before = kl_now()
-    trainer, stats = fine_tune(
-        student,
-        tokenizer,
-        examples,
-        max_steps=6,
-        learning_rate=1e-2,
-        batch_size=8,
-        seed=0,
-        trainer_class=D.distill_trainer_class(),
-        teacher=teacher,
-        temperature=2.0,
-        alpha=0.9,
-    )
+    trainer, stats = distill(student, teacher, tokenizer, examples, max_steps=6, alpha=0.9)
     assert stats["steps"] == 6 and len(trainer.loss_parts["kl"]) == 6
     assert all(math.isfinite(v) and v >= 0 for v in trainer.loss_parts["kl"])
     assert kl_now() < 0.95 * before  # the student moved towards the teacher
@@ -217,29 +223,22 @@ def test_teacher_cache_refuses_an_unknown_example_and_a_wrong_target_count():
 
 def test_cached_distillation_follows_the_online_teacher_step_for_step():
     """Same seed, same examples: the cached run's KL and CE are the online run's (the teacher is the same)."""
-    runs = {}
+    runs, teacher_passes = {}, {}
     for budget in (0.0, 1e-9, 1.0):  # never, too small a budget, room
         teacher, tokenizer, train = tiny_model(n_records=20)
         examples, _ = build_examples(train, tasks(), tokenizer, 128)
         student = D.build_student(teacher, small_student(hidden_size=32), seed=0)
-        trainer, _ = fine_tune(
-            student,
-            tokenizer,
-            examples,
-            max_steps=4,
-            learning_rate=1e-2,
-            batch_size=8,
-            seed=0,
-            trainer_class=D.distill_trainer_class(),
-            teacher=teacher,
-            temperature=2.0,
-            alpha=0.5,
-            teacher_cache_max_gb=budget,
+        passes = []
+        teacher.register_forward_hook(lambda *_, passes=passes: passes.append(1))
+        runs[budget], _ = distill(
+            student, teacher, tokenizer, examples, max_steps=4, alpha=0.5, teacher_cache_max_gb=budget
         )
-        runs[budget] = trainer
+        teacher_passes[budget] = len(passes)
     online, cached = runs[0.0], runs[1.0]
     assert online.cache_stats["teacher_cached"] == runs[1e-9].cache_stats["teacher_cached"] == 0
     assert cached.cache_stats["teacher_cached"] == 1
+    # online: one teacher pass per step; cached: only the passes that filled the cache (60 examples, 64 a pass)
+    assert teacher_passes[0.0] == teacher_passes[1e-9] == 4 and teacher_passes[1.0] == 1
     assert 0 < cached.cache_stats["teacher_cache_gb"] < 1.0
     for part in ("kl", "ce"):
         assert cached.loss_parts[part] == pytest.approx(online.loss_parts[part], rel=1e-4)
