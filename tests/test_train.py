@@ -432,20 +432,29 @@ def test_default_deepspeed_config_two_processes_packed(tmp_path, base_models, tr
 
 SHM_ALLREDUCE_CHECK = """
 import json, sys, torch
+import deepspeed
 import deepspeed.comm as dist
+import deepspeed.comm.comm as ds_comm
 from deepseek_sft.train.setup import init_deepspeed_comm, release_deepspeed_shm
 torch.set_num_threads(1)
+deepspeed.init_distributed()
+gloo_calls, gloo_all_reduce = [], ds_comm.cdb.all_reduce
+def counted(*args, **kwargs):  # the path the route falls back to
+    gloo_calls.append(1)
+    return gloo_all_reduce(*args, **kwargs)
+ds_comm.cdb.all_reduce = counted
 routed = init_deepspeed_comm()
 rank = dist.get_rank()
 total = torch.arange(9_000_001, dtype=torch.float32) * (rank + 1)  # 36 MB: two 32 MB kernel chunks
 dist.all_reduce(total)
+gloo_after_sum = len(gloo_calls)
 largest = torch.tensor([float(rank), 10.0 - rank])
 dist.all_reduce(largest, op=dist.ReduceOp.MAX)  # not a SUM: gloo
 halves = torch.full((3,), 0.5, dtype=torch.bfloat16)
 dist.all_reduce(halves)  # not fp32: gloo
 expected = torch.arange(9_000_001, dtype=torch.float32) * 3
 result = {"routed": routed, "sum_exact": bool(torch.equal(total, expected)), "max": largest.tolist(),
-          "bf16": halves.float().tolist()}
+          "bf16": halves.float().tolist(), "gloo_calls": [gloo_after_sum, len(gloo_calls)]}
 release_deepspeed_shm()
 if rank == 0:
     json.dump(result, open(sys.argv[-1], "w"))  # the launcher puts --local_rank first
@@ -461,7 +470,13 @@ def test_shm_allreduce_sums_like_gloo_and_leaves_other_calls_to_it(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result == {"routed": True, "sum_exact": True, "max": [1.0, 10.0], "bf16": [1.0, 1.0, 1.0]}
+    assert result == {
+        "routed": True,
+        "sum_exact": True,
+        "max": [1.0, 10.0],
+        "bf16": [1.0, 1.0, 1.0],
+        "gloo_calls": [0, 2],  # the fp32 sum never reached gloo; the MAX and the bf16 sum did
+    }
 
 
 @pytest.mark.slow
