@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, set_seed
 
 from ..config.compress import StudentParams
 from ..sft_data import IGNORE_INDEX
+from ..train.varlen import example_lengths
 from .trainer import base_trainer_class
 
 log = logging.getLogger(__name__)
@@ -118,11 +119,10 @@ def batch_examples(inputs: dict) -> list[torch.Tensor]:
     ids = inputs["input_ids"]
     if "attention_mask" in inputs:
         return [row[mask.bool()] for row, mask in zip(ids, inputs["attention_mask"], strict=True)]
-    examples = []
-    for row, positions in zip(ids, inputs["position_ids"], strict=True):
-        starts = [*(positions == 0).nonzero().flatten().tolist(), row.numel()]
-        examples += [row[a:b] for a, b in itertools.pairwise(starts)]
-    return examples
+    positions = inputs["position_ids"].expand_as(ids)
+    return [
+        piece for row, pos in zip(ids, positions, strict=True) for piece in row.split(example_lengths(pos))
+    ]
 
 
 def target_count(example: dict) -> int:
