@@ -45,7 +45,8 @@ class Parsed:
 
 def build_messages(task: TaskSpec, text: str) -> list[dict]:
     """The chat messages (without the answer) that ask `task` about `text`."""
-    return [{"role": "user", "content": f"{task.instruction}\n{text}"}]
+    user = {"role": "user", "content": f"{task.instruction}\n{text}"}
+    return [{"role": "system", "content": task.system_prompt}, user] if task.system_prompt else [user]
 
 
 def format_response(task: TaskSpec, record: dict) -> str:

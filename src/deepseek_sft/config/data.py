@@ -24,6 +24,11 @@ class TaskSpec(Section):
     entity_types: list[str] | None = Field(
         default=None, description="allowed entity types (extraction); null = whatever the data holds"
     )
+    system_prompt: str | None = Field(
+        default=None,
+        description="system message before the instruction; null = none (a template may add its own default: "
+        "SmolLM2's ChatML adds ~20 tokens, so a short one saves them on every example)",
+    )
     answer_format: Literal["items", "inline", "tagged"] = Field(
         default="items",
         description="extraction answers: items = TYPE:text|...; inline = the text echoed with ⟦TYPE:text⟧ "
