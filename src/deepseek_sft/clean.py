@@ -24,6 +24,7 @@ from .clean_rules import Deduplicator, Mapped, clean_text, realign_span
 from .config import StageParams
 from .config.data import CleanParams, TaskSpec
 from .io import DataError, atomic_path, iter_jsonl_lines, write_jsonl, write_metrics
+from .records import SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ REASONS: dict[str, str] = {
     "missing_text": "no 'text' key",
     "text_not_string": "'text' is not a string",
     "empty_text": "'text' is empty or only whitespace",
+    "unknown_split": "'split' (the dataset's own split) is empty or not train, val or test",
     "no_annotations": "no annotator labelled any task field",
     "bad_annotations": "'annotations' is not an object of annotator -> object",
     "invalid_label": "a classification/generation value is not a string",
@@ -191,9 +193,19 @@ def _check_annotation(name: str, annotation: dict, text_len: int, tasks: dict[st
     return filled
 
 
+def _check_split(record: dict) -> None:
+    if "split" in record and record["split"] not in SPLITS:
+        raise Rejected(
+            "unknown_split",
+            f"split={record['split']!r}; expected one of {', '.join(SPLITS)} (or training, validation, dev, "
+            "testing); check the split column",
+        )
+
+
 def validate_record(record: dict, tasks: dict[str, TaskSpec]) -> str:
     """Check a parsed record against the raw-record contract and `tasks`; return its text or raise Rejected."""
     text = _check_text(record)
+    _check_split(record)
     annotations = record.get("annotations")
     if not annotations:
         raise Rejected("no_annotations", "'annotations' is missing or empty")
@@ -294,10 +306,33 @@ class _Cleaner:
         return realign_annotations(record, m, self.tasks, self.spans), len(m.chars)
 
 
+def _given_split(line: str) -> str | None:
+    """The dataset's own split of a raw line, if it has one (a cheap look before the real parse)."""
+    try:
+        obj = json.loads(line)
+    except (json.JSONDecodeError, ValueError):
+        return None
+    return obj.get("split") if isinstance(obj, dict) else None
+
+
+def dedup_order(lines: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """The lines in the order they meet the deduplicator: a dataset's own test records first, then val.
+
+    The first of two duplicates is kept, so a train copy of a test text is the one dropped: the given test
+    set stays as the dataset defines it and train holds no copy of it. Lines without a given split keep
+    their order (a stable sort).
+    """
+    rank = {"test": 0, "val": 1}
+    return sorted(lines, key=lambda pair: rank.get(_given_split(pair[1]), 2))
+
+
 def clean_lines(lines: Iterable[tuple[int, str]], stage: StageParams) -> CleanResult:
-    """Clean (line number, raw line) pairs; see the module docstring for where each record goes."""
-    cleaner, result = _Cleaner(stage), CleanResult()
-    for lineno, line in tqdm(lines, desc="clean", unit="rec", mininterval=5):
+    """Clean (line number, raw line) pairs; see the module docstring for where each record goes.
+
+    Kept records and rejects come out in line order whatever order dedup_order processed them in.
+    """
+    cleaner, kept, rejects = _Cleaner(stage), [], []
+    for lineno, line in tqdm(dedup_order(list(lines)), desc="clean", unit="rec", mininterval=5):
         cleaner.counts["records_in"] += 1
         record = None
         try:
@@ -305,10 +340,16 @@ def clean_lines(lines: Iterable[tuple[int, str]], stage: StageParams) -> CleanRe
             cleaned, length = cleaner.record(lineno, record)
         except Rejected as err:
             cleaner.counts[err.reason] += 1
-            result.rejects.append(_reject_row(lineno, line, err, record))
+            rejects.append((lineno, _reject_row(lineno, line, err, record)))
             continue
-        result.kept.append(cleaned)
-        result.lengths.append(length)
+        kept.append((lineno, cleaned, length))
+    kept.sort(key=lambda item: item[0])
+    rejects.sort(key=lambda item: item[0])
+    result = CleanResult(
+        kept=[record for _, record, _ in kept],
+        rejects=[row for _, row in rejects],
+        lengths=[length for _, _, length in kept],
+    )
     result.metrics = _metrics(cleaner, len(result.kept))
     return result
 

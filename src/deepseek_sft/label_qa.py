@@ -5,7 +5,8 @@ Interim records (records.py) carry one label set per annotator. This stage
 2. adjudicates each record by majority vote; records without a strict majority on a classification layer
    go to needs_review (with every annotator's labels) instead of the splits;
 3. splits the adjudicated records into train/val/test, stratified on one label field, with identical texts
-   kept in one split, and writes the reports (label_qa_plots).
+   kept in one split, and writes the reports (label_qa_plots). A dataset's own split (records.py `split`)
+   is kept as given, val carved from its train (label_qa_split).
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ from .label_qa_agreement import (
     measure_agreement,
 )
 from .label_qa_plots import write_reports
-from .records import entity
+from .label_qa_split import label_deviation, split_given
+from .records import SPLITS, entity
 
 __all__ = ["AgreementGateError", "QaResult", "label_qa", "load_interim", "run_label_qa", "split_records"]
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 # a class needs one distinct text for each of train, val and test to be stratified; smaller ones go to train
 MIN_STRATIFY_GROUPS = 3
 
@@ -80,6 +81,8 @@ def check_record(record: dict, tasks: dict[str, TaskSpec], where: str) -> None:
     for key in ("id", "text"):
         if not isinstance(record.get(key), str) or not record[key]:
             raise DataError(f"{where}: key {key!r}: expected a non-empty string, got {record.get(key)!r}")
+    if "split" in record and record["split"] not in SPLITS:
+        raise DataError(f"{where}: key 'split': expected one of {', '.join(SPLITS)}, got {record['split']!r}")
     annotations = record.get("annotations")
     if not isinstance(annotations, dict) or not annotations:
         raise DataError(
@@ -344,16 +347,26 @@ def label_qa(records: list[dict], params: StageParams, source: str = "input") ->
         raise DataError(f"{source}: no record could be adjudicated ({len(review)} need review)")
     log.info("adjudicated %d records; %d need review (no strict majority)", len(adjudicated), len(review))
 
-    splits, stratified = split_records(
-        adjudicated, cfg.stratify_by, cfg.val_fraction, cfg.test_fraction, params.seed
-    )
+    given = [r.get("split") for r in originals]
+    split_metrics: dict[str, float] = {"split_given": int(any(g is not None for g in given))}
+    if split_metrics["split_given"]:
+        splits, carved = split_given(adjudicated, given, cfg.val_fraction, params.seed)
+        split_metrics["val_carved_from_train"] = int(carved)
+        log.info("kept the dataset's own split%s", "; val carved from train" if carved else "")
+    else:
+        splits, stratified = split_records(
+            adjudicated, cfg.stratify_by, cfg.val_fraction, cfg.test_fraction, params.seed
+        )
+        split_metrics["stratified"] = int(stratified)
+    if cfg.stratify_by is not None:
+        split_metrics.update(label_deviation(splits, cfg.stratify_by))
     metrics: dict[str, float] = {
         "records_in": len(records),
         "adjudicated": len(adjudicated),
         "needs_review": len(review),
         **{f"{name}_records": len(splits[name]) for name in SPLITS},
         **{f"{name}_share": round(len(splits[name]) / len(adjudicated), 4) for name in SPLITS},
-        "stratified": int(stratified),
+        **split_metrics,
         **agreement.metrics(),
     }
     if not agreement.skipped:

@@ -5,6 +5,7 @@ Raw record (data/raw/records.jsonl, written by fetch; one JSON object per line):
     {"id": "syn-000001",
      "text": "我的卡找不到了，帮我挂失一下",
      "source": "synthetic",                       # synthetic | local | hf | web | llm
+     "split": "train",                            # optional: the dataset's own split (train | val | test)
      "annotations": {                             # annotator -> that annotator's labels
         "ann_a": {"intent": "card_loss", "compliance": "compliant",
                   "entities": [{"start": 0, "end": 2, "type": "PER"}]},
@@ -15,6 +16,10 @@ Label fields inside an annotation are named by `tasks.<name>.field` in params.ya
 field holds a string label; an extraction field holds a list of entity spans; a generation field holds
 a string. Spans are character offsets into `text`, end exclusive. Data with a single label column (a
 public dataset) has exactly one annotator, conventionally named "gold".
+
+`split` is present only when the dataset comes with its own split (a split column, or one file per split):
+label_qa then keeps it as given and carves val from train when no val is given. fetch writes the canonical
+name (SPLITS) for the usual spellings (SPLIT_ALIASES) and passes anything else through for clean to reject.
 
 Interim record (data/interim/clean.jsonl, written by clean): the same shape, text normalised, spans
 re-aligned to the new text.
@@ -30,6 +35,21 @@ from __future__ import annotations
 from typing import Any
 
 GOLD_ANNOTATOR = "gold"
+SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {
+    "train": "train", "training": "train",
+    "val": "val", "valid": "val", "validation": "val", "dev": "val",
+    "test": "test", "testing": "test",
+}  # fmt: skip
+
+
+def canonical_split(value: Any) -> Any:
+    """The SPLITS name of a split cell ('Validation' -> 'val'); '' -> None; anything else unchanged."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        return SPLIT_ALIASES.get(value.strip().lower(), value)
+    return value
 
 
 def entity(start: int, end: int, type_: str, text: str | None = None) -> dict[str, Any]:

@@ -29,6 +29,7 @@ onto a differently named `from_name` (e.g. {intent: category}).
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 from pathlib import Path
@@ -38,8 +39,8 @@ import pandas as pd
 from ..config import StageParams, TaskSpec
 from ..config.data import LocalParams
 from ..io import DataError, iter_jsonl_lines
-from ..records import entity
-from .tables import check_columns, malformed, plain, rows_to_records
+from ..records import SPLITS, canonical_split, entity
+from .tables import check_columns, malformed, plain, row_split, rows_to_records, with_split
 
 VERSION = "local-1"
 log = logging.getLogger(__name__)
@@ -51,20 +52,53 @@ EXTENSIONS = {
 
 
 def fetch_records(params: StageParams) -> list[dict]:
-    """Read every input file of `fetch.local` into raw records, in file then row order."""
+    """Read every input file of `fetch.local` into raw records, in file then row order.
+
+    When `path` maps splits to files, each record carries its file's split (records.py: `split`).
+    """
     cfg: LocalParams = params.section.local
     records: list[dict] = []
-    for path, fmt in input_files(Path(cfg.path), cfg.format):
+    for path, fmt, split in input_sources(cfg):
         found = read_file(path, fmt, cfg, params.tasks)
-        log.info("local: %d records from %s (%s)", len(found), path, fmt)
+        if split is not None:
+            found = [with_split(r, split) for r in found]
+        log.info(
+            "local: %d records from %s (%s%s)", len(found), path, fmt, f", split {split}" if split else ""
+        )
         records.extend(found)
     return records
 
 
-def input_files(path: Path, fmt: str) -> list[tuple[Path, str]]:
+def input_sources(cfg: LocalParams) -> list[tuple[Path, str, str | None]]:
+    """(file, format, given split or None) for every input file of `fetch.local.path`."""
+    if isinstance(cfg.path, dict):  # train, val, test order whatever order the map is written in
+        return [
+            (file, fmt, split)
+            for split in SPLITS
+            if split in cfg.path
+            for file, fmt in expand_path(cfg.path[split], cfg.format, f"{SECTION}.path.{split}")
+        ]
+    return [(file, fmt, None) for file, fmt in expand_path(cfg.path, cfg.format, f"{SECTION}.path")]
+
+
+def expand_path(spec: str | list[str], fmt: str, key: str) -> list[tuple[Path, str]]:
+    """(file, format) pairs of a file, a directory, a glob, or a list of those (in the order given)."""
+    pairs: list[tuple[Path, str]] = []
+    for item in [spec] if isinstance(spec, str) else spec:
+        if glob.has_magic(item):
+            matches = sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
+            if not matches:
+                raise DataError(f"{item}: the pattern ({key}) matches no file")
+            pairs += [(m, fmt if fmt != "auto" else format_of(m)) for m in matches]
+        else:
+            pairs += input_files(Path(item), fmt, key)
+    return pairs
+
+
+def input_files(path: Path, fmt: str, key: str = f"{SECTION}.path") -> list[tuple[Path, str]]:
     """(file, format) pairs: the file itself, or the directory's files in sorted order."""
     if not path.exists():
-        raise DataError(f"{path}: not found ({SECTION}.path); give a file or a directory of files")
+        raise DataError(f"{path}: not found ({key}); give a file, a directory of files or a glob")
     if path.is_file():
         return [(path, fmt if fmt != "auto" else format_of(path))]
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
@@ -190,7 +224,9 @@ def _raw_record(n: int, obj: dict, cfg: LocalParams, path: Path) -> dict:
     for key in ("_error", "_raw_line"):  # a malformed record stays malformed
         if key in obj:
             record[key] = obj[key]
-    return record
+    if cfg.split_column:
+        return with_split(record, row_split(obj, cfg))
+    return with_split(record, canonical_split(obj["split"])) if "split" in obj else record
 
 
 def read_label_studio(path: Path, cfg: LocalParams, tasks: dict[str, TaskSpec]) -> list[dict]:
@@ -211,11 +247,13 @@ def read_label_studio(path: Path, cfg: LocalParams, tasks: dict[str, TaskSpec]) 
             "(for rows of plain objects use JSONL)"
         )
     data_keys = list(dict.fromkeys(k for t in export if isinstance(t, dict) for k in t.get("data") or {}))
-    if cfg.text_column not in data_keys:
-        raise DataError(
-            f"{path}: column {cfg.text_column!r} ({SECTION}.text_column) not found in the tasks' data; "
-            f"columns present: {', '.join(data_keys)}"
-        )
+    for key in ("text_column", "split_column"):
+        column = getattr(cfg, key)
+        if column is not None and column not in data_keys:
+            raise DataError(
+                f"{path}: column {column!r} ({SECTION}.{key}) not found in the tasks' data; "
+                f"columns present: {', '.join(data_keys)}"
+            )
     fields = _LabelStudioFields(cfg, tasks, export)
     return [_ls_task(i, task, cfg, fields, path) for i, task in enumerate(export, start=1)]
 
@@ -264,13 +302,14 @@ def _ls_task(i: int, task: object, cfg: LocalParams, fields: _LabelStudioFields,
         meta["skipped_annotations"] = skipped  # cancelled (skipped) in Label Studio: no labels to keep
     if superseded:
         meta["superseded_annotations"] = superseded
-    return {
+    record = {
         "id": str(record_id) if record_id not in (None, "") else f"{path.stem}-task{i}",
         "text": plain(data.get(cfg.text_column)),
         "source": "local",
         "annotations": annotations,
         "meta": meta,
     }
+    return with_split(record, row_split(data, cfg)) if cfg.split_column else record
 
 
 def _annotator(ann: dict) -> str:

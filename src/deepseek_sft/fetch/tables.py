@@ -2,7 +2,8 @@
 
 Shared by the `local` and `hf` sources. Without `annotator_column` each row is one record labelled by
 one annotator, records.GOLD_ANNOTATOR. With it, rows are grouped by id (or by text when there is no id
-column) and each row becomes that annotator's labels.
+column) and each row becomes that annotator's labels. With `split_column`, the row's split (canonical
+name, records.canonical_split) goes onto the record as `split`.
 
 Row-level problems are not fetch's job (clean rejects them); they pass through. Where a row cannot be
 turned into a record faithfully, it becomes a *malformed record* (see local.py for the convention).
@@ -18,7 +19,7 @@ from typing import Any
 from ..config import TaskSpec
 from ..config.data import ColumnMapping
 from ..io import DataError
-from ..records import GOLD_ANNOTATOR
+from ..records import GOLD_ANNOTATOR, canonical_split
 
 
 def malformed(record_id: str, source: str, meta: dict, error: str, raw: str | None = None) -> dict:
@@ -49,6 +50,8 @@ def check_columns(columns: list[str], mapping: ColumnMapping, where: str, sectio
         wanted["id_column"] = mapping.id_column
     if mapping.annotator_column is not None:
         wanted["annotator_column"] = mapping.annotator_column
+    if mapping.split_column is not None:
+        wanted["split_column"] = mapping.split_column
     for field, column in mapping.label_columns.items():
         wanted[f"label_columns.{field}"] = column
     for key, column in wanted.items():
@@ -105,15 +108,28 @@ def _row_id(n: int, row: dict, mapping: ColumnMapping, id_prefix: str) -> str:
     return f"{id_prefix}-{n}" if value is None or value == "" else str(value)
 
 
+def with_split(record: dict, split: object) -> dict:
+    """`record` with `split` placed after `source` (where a reader of records.jsonl looks for it)."""
+    out = {k: v for k, v in record.items() if k not in ("annotations", "meta", "split")}
+    out["split"] = split
+    return {**out, **{k: record[k] for k in ("annotations", "meta") if k in record}}
+
+
+def row_split(row: dict, mapping: ColumnMapping) -> object:
+    """The canonical split named by the row's split column."""
+    return canonical_split(plain(row.get(mapping.split_column)))
+
+
 def _single(n, row, mapping, tasks, source, meta, id_prefix) -> dict:
     labels = row_labels(row, mapping, tasks)
-    return {
+    record = {
         "id": _row_id(n, row, mapping, id_prefix),
         "text": plain(row.get(mapping.text_column)),
         "source": source,
         "annotations": {GOLD_ANNOTATOR: labels} if labels else {},
         "meta": meta,
     }
+    return with_split(record, row_split(row, mapping)) if mapping.split_column else record
 
 
 def _grouped(rows, mapping, tasks, source, origin, id_prefix, unit) -> list[dict]:
@@ -135,12 +151,17 @@ def _grouped(rows, mapping, tasks, source, origin, id_prefix, unit) -> list[dict
         elif record is not None and str(annotator) in record["annotations"]:
             first = record["meta"][unit + "s"][0]
             error = f"second annotation by {annotator!r} for id {record['id']!r} (first at {unit} {first})"
+        elif record is not None and mapping.split_column and record["split"] != row_split(row, mapping):
+            first = record["meta"][unit + "s"][0]
+            error = f"id {record_id!r} was first seen in split {record['split']!r} ({unit} {first})"
         if error:
             records.append(malformed(f"{record_id}@{unit}{n}", source, meta, error))
             continue
         if record is None:
             meta = {**origin, unit + "s": []}
             record = {"id": record_id, "text": text, "source": source, "annotations": {}, "meta": meta}
+            if mapping.split_column:
+                record = with_split(record, row_split(row, mapping))
             by_key[key] = record
             records.append(record)
         record["annotations"][str(annotator)] = row_labels(row, mapping, tasks)
