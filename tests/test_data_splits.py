@@ -99,15 +99,15 @@ def test_unknown_or_empty_split_value_is_rejected_by_clean_naming_it(tmp_path):
     assert result.metrics["rejected_unknown_split"] == 2 and result.metrics["kept"] == 2
 
 
-def test_a_train_copy_of_a_test_text_is_the_one_deduplicated(tmp_path):
-    train = write_csv(
-        tmp_path / "train.csv", [*english_rows(40, "train"), ("the very same text", "lost_card")]
-    )
-    test = write_csv(tmp_path / "test.csv", [("the very same text", "lost_card"), *english_rows(10, "test")])
+def test_a_train_copy_of_a_test_text_is_the_one_deduplicated_and_the_test_set_stays_whole(tmp_path):
+    same = ("the very same text", "lost_card")
+    train = write_csv(tmp_path / "train.csv", [*english_rows(40, "train"), same])
+    test = write_csv(tmp_path / "test.csv", [same, *english_rows(10, "test"), same])
     _, cleaned, result = pipeline(write_params(tmp_path, {"path": {"train": str(train), "test": str(test)}}))
     (dup,) = cleaned.rejects
     assert dup["reason"] == "duplicate_exact" and dup["id"] == "train-41"
-    assert len(result.splits["test"]) == 11  # the given test set is intact
+    assert cleaned.metrics["given_test_duplicates_kept"] == 1
+    assert len(result.splits["test"]) == 12  # the given test set is intact, its own repeat included
     assert [r["id"] for r in cleaned.kept][:2] == ["train-1", "train-2"]  # output stays in input order
 
 

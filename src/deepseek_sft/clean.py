@@ -296,7 +296,10 @@ class _Cleaner:
         _check_length(m.text, self.params)
         sig = self.dedup.signature(m.text)
         duplicate = self.dedup.find(sig)
-        if duplicate is not None:
+        if duplicate is not None and record.get("split") == "test":
+            # a dataset's own test set is kept whole: published numbers are measured on all of it
+            self.counts["given_test_duplicates_kept"] += 1
+        elif duplicate is not None:
             raise Rejected(duplicate.reason, duplicate.detail, **duplicate.extra)
         ident = record["id"]
         if ident in self.kept_ids:
@@ -319,8 +322,8 @@ def dedup_order(lines: list[tuple[int, str]]) -> list[tuple[int, str]]:
     """The lines in the order they meet the deduplicator: a dataset's own test records first, then val.
 
     The first of two duplicates is kept, so a train copy of a test text is the one dropped: the given test
-    set stays as the dataset defines it and train holds no copy of it. Lines without a given split keep
-    their order (a stable sort).
+    set stays as the dataset defines it and train holds no copy of it (duplicates within a given test set
+    are kept too, and counted). Lines without a given split keep their order (a stable sort).
     """
     rank = {"test": 0, "val": 1}
     return sorted(lines, key=lambda pair: rank.get(_given_split(pair[1]), 2))
@@ -363,6 +366,7 @@ def _metrics(cleaner: _Cleaner, kept: int) -> dict[str, Any]:
         "rejected": rejected,
         "duplicates_exact": counts["duplicate_exact"],
         "duplicates_near": counts["duplicate_near"],
+        "given_test_duplicates_kept": counts["given_test_duplicates_kept"],
         **{f"rejected_{r}": counts[r] for r in REASONS},
         "texts_changed": counts["texts_changed"],
         "spans_total": spans.total,
