@@ -12,6 +12,7 @@ import random
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import nbformat
@@ -20,11 +21,14 @@ import torch
 from nbclient import NotebookClient
 
 import deepseek_sft.base_model as bm
+from deepseek_sft.base_model import PROVENANCE_FILE
 from deepseek_sft.config import load_section
+from deepseek_sft.config.data import TaskSpec
 from deepseek_sft.config.evaluate import EvaluateParams
 from deepseek_sft.config.model import TinyDeepseekParams
 from deepseek_sft.evaluate import stage
 from deepseek_sft.evaluate.core import ModelResults, check_records, score_answers
+from deepseek_sft.evaluate.summary import headline_table, verdict_lines
 from deepseek_sft.fetch.synthetic import generate, layer_spec
 from deepseek_sft.io import DataError, read_jsonl, write_jsonl
 from deepseek_sft.tasks import format_response
@@ -189,7 +193,7 @@ def crafted_run(tmp_path_factory) -> dict:
         )
     finally:
         mp.undo()
-    return {"root": root, "metrics": metrics, "test": test, "tasks": tasks}
+    return {"root": root, "metrics": metrics, "test": test, "train": train, "tasks": tasks}
 
 
 def test_crafted_run_counts_add_up(crafted_run):
@@ -197,7 +201,11 @@ def test_crafted_run_counts_add_up(crafted_run):
     metrics, n = crafted_run["metrics"], len(crafted_run["test"])
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk["sft"]["intent"]["accuracy"] == metrics["sft"]["intent"]["accuracy"]
-    assert set(on_disk) == {"base", "sft", "tfidf_lr", "stage"}
+    assert set(on_disk) == {"base", "sft", "tfidf_lr", "majority", "stage"}
+    # the majority floor: accuracy is the share of the train split's top label in test
+    top = Counter(r["intent"] for r in crafted_run["train"]).most_common(1)[0][0]
+    share = sum(r["intent"] == top for r in crafted_run["test"]) / n
+    assert on_disk["majority"]["intent"]["accuracy"] == pytest.approx(share)
     unparseable = read_jsonl(out / "errors" / "unparseable.jsonl")
     for model in ("base", "sft"):
         preds = read_jsonl(out / "predictions" / f"{model}.jsonl")
@@ -232,16 +240,18 @@ def test_crafted_run_finds_each_entity_error_kind(crafted_run):
 def test_crafted_run_report_is_complete_and_self_contained(crafted_run):
     reports = crafted_run["root"] / "reports"
     md = (reports / "report.md").read_text(encoding="utf-8")
-    for heading in (
-        "## Data quality (label_qa)",
-        "## Training",
+    headings = (
+        "## Verdict",
         "## Headline: base -> sft",
         "## Efficiency",
         "## Error analysis",
         "### intent (classification)",
         "### Unparseable answers",
-    ):
-        assert heading in md
+        "## Data quality (label_qa)",
+        "## Training",
+    )
+    positions = [md.index(heading) for heading in headings]
+    assert positions == sorted(positions)  # the answer first, data QA and training details last
     assert "kappa_min" in md and "tfidf_lr" in md
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
         assert (reports / link).is_file(), link
@@ -367,3 +377,32 @@ def test_script_requires_name_equals_dir(tmp_path, small_params, capsys):
 def test_check_records_names_the_missing_key():
     with pytest.raises(DataError, match=r"test\.jsonl: record 1 \(id=x\): missing key 'text'"):
         check_records([{"id": "x"}], load_section("evaluate").tasks, "test.jsonl")
+
+
+def test_verdict_says_when_sft_loses_to_the_baseline_and_skips_an_untrained_base():
+    tasks = {"intent": TaskSpec(type="classification", field="intent", instruction="x")}
+    metrics = {
+        "base": {"intent": {"macro_f1": 0.05, "accuracy": 0.1}},
+        "sft": {"intent": {"macro_f1": 0.68, "accuracy": 0.7}},
+        "tfidf_lr": {"intent": {"macro_f1": 0.74, "accuracy": 0.75}},
+        "majority": {"intent": {"macro_f1": 0.2, "accuracy": 0.5}},
+    }
+    [line] = verdict_lines(metrics, tasks, ["base", "sft"], untrained={"base"})
+    assert "LOSES to the TF-IDF baseline (0.740, -0.060)" in line
+    assert "base is untrained" in line and "majority class 0.200" in line
+    table = headline_table(metrics, tasks, ["base", "sft"], untrained={"base"})
+    assert "delta" not in table.columns and "base (untrained)" in table.columns
+    metrics["sft"]["intent"]["macro_f1"] = 0.80
+    [line] = verdict_lines(metrics, tasks, ["base", "sft"], untrained=set())
+    assert "beats the TF-IDF baseline (0.740, +0.060)" in line and "base 0.050 (+0.750)" in line
+    table = headline_table(metrics, tasks, ["base", "sft"])
+    assert table.loc[table.metric == "macro_f1", "delta"].item() == pytest.approx(0.75)
+
+
+def test_untrained_models_reads_the_provenance_base_model_writes(tmp_path):
+    for name, pretrained in (("tiny", False), ("smol", True)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / PROVENANCE_FILE).write_text(json.dumps({"pretrained": pretrained}))
+    (tmp_path / "sft").mkdir()  # a fine-tuned model carries no provenance file: trained
+    models = {n: tmp_path / n for n in ("tiny", "smol", "sft")}
+    assert stage.untrained_models(models) == {"tiny"}

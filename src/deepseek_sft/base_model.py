@@ -352,6 +352,7 @@ def build_base_model(
         metrics |= {"tokenizer_added_pad_token": int("pad_token" in added)}
         metrics |= count_parameters_from_config(out_dir, section.trust_remote_code)
     write_weights_digest(out_dir)
+    write_provenance(out_dir, section.name_or_path, kind)
     warn_if_untracked_source(section.name_or_path, kind)
     tokenizer = AutoTokenizer.from_pretrained(out_dir, trust_remote_code=section.trust_remote_code)
     lengths = example_lengths(val_records, tasks, tokenizer)
@@ -363,6 +364,16 @@ def build_base_model(
         "build_seconds": round(time.perf_counter() - start, 3),
     }
     return metrics, lengths
+
+
+# What models/base was built from; {"pretrained": false} marks the tiny default's random initial weights.
+PROVENANCE_FILE = "provenance.json"
+
+
+def write_provenance(out_dir: str | os.PathLike, name_or_path: str, kind: SourceKind) -> None:
+    """Record the source of models/base, so reports can tell a pretrained base from random weights."""
+    record = {"source": kind, "name_or_path": name_or_path, "pretrained": kind != "tiny"}
+    (Path(out_dir) / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 # The base_model stage depends on this folder (dvc.yaml), so a checkpoint edited in place here re-runs it.

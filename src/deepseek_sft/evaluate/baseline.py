@@ -6,6 +6,7 @@ Character n-grams need no Chinese word segmenter, which is why they are the usua
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
@@ -17,6 +18,7 @@ from ..config.evaluate import BaselineParams
 from .metrics import classification_metrics
 
 NAME = "tfidf_lr"
+MAJORITY = "majority"  # always answers the train split's most frequent label: the floor any model must clear
 
 
 def make_baseline(params: BaselineParams, seed: int) -> Pipeline:
@@ -52,3 +54,15 @@ def evaluate_baseline(
         metrics[name] = report | {"fit_predict_s": time.perf_counter() - started}
         predictions[name] = pred
     return metrics, details, predictions
+
+
+def evaluate_majority(train: list[dict], test: list[dict], tasks: dict[str, TaskSpec]) -> dict[str, dict]:
+    """Metrics of the majority-class answer for every classification task (accuracy = the top class's share)."""
+    metrics = {}
+    for name, task in tasks.items():
+        if task.type != "classification" or not train:
+            continue
+        top = Counter(str(r[task.field]) for r in train).most_common(1)[0][0]
+        report = classification_metrics([str(r[task.field]) for r in test], [top] * len(test), task.labels)
+        metrics[name] = {k: v for k, v in report.items() if k not in ("per_class", "confusion")}
+    return metrics

@@ -12,6 +12,7 @@ Outputs under `reports_dir` (reports/evaluate):
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import multiprocessing
 import time
@@ -22,13 +23,14 @@ from pathlib import Path
 
 import torch
 
+from ..base_model import PROVENANCE_FILE
 from ..config.data import TaskSpec
 from ..config.evaluate import EvaluateParams
 from ..io import atomic_path, write_json, write_jsonl, write_metrics
 from . import errors as E
 from . import plots
+from .baseline import MAJORITY, evaluate_baseline, evaluate_majority
 from .baseline import NAME as BASELINE
-from .baseline import evaluate_baseline
 from .core import ModelResults, evaluate_model, resolve_device
 from .report import dvclive_curves, write_report
 from .summary import report_blocks
@@ -177,6 +179,7 @@ def run_evaluation(
     baseline = ({}, {}, {})
     if params.baseline.enabled and train:
         baseline = evaluate_baseline(train, test, tasks, params.baseline, seed)
+        baseline[0].update({MAJORITY: evaluate_majority(train, test, tasks)})
     analyses = {name: analyse(r, tasks, train, params.error_examples) for name, r in results.items()}
     metrics = write_outputs(results, baseline, analyses, tasks, reports_dir)
     curves_png = plots.training_curves(
@@ -192,6 +195,7 @@ def run_evaluation(
     write_metrics(reports_dir / "metrics.json", metrics)
     blocks = report_blocks(
         results,
+        untrained_models(models),
         baseline[0],
         analyses,
         tasks,
@@ -204,6 +208,19 @@ def run_evaluation(
     write_report(blocks, "SFT evaluation report", report_md, report_html)
     log.info("evaluate stage done in %.1fs", metrics["stage"]["seconds"])
     return metrics
+
+
+def untrained_models(models: dict[str, str | Path]) -> set[str]:
+    """Models whose weights were never trained (the tiny default as base_model built it from a config): the report
+    shows no delta against them, because beating random weights says nothing."""
+    untrained = set()
+    for name, path in models.items():
+        provenance = Path(path) / PROVENANCE_FILE
+        if provenance.is_file() and not json.loads(provenance.read_text(encoding="utf-8")).get(
+            "pretrained", True
+        ):
+            untrained.add(name)
+    return untrained
 
 
 def write_outputs(results, baseline, analyses, tasks, reports_dir: Path) -> dict:
@@ -220,8 +237,11 @@ def write_outputs(results, baseline, analyses, tasks, reports_dir: Path) -> dict
         metrics[name] = nested
         details[name] = {t: result.details[t] | analyses[name]["details"][t] for t in tasks}
     if base_metrics:
+        majority = base_metrics.pop(MAJORITY, {})
         metrics[BASELINE] = base_metrics
         details[BASELINE] = base_details
+        if majority:
+            metrics[MAJORITY] = majority
     write_error_files(reports_dir / "errors", analyses)
     write_json(reports_dir / "details.json", details)
     return metrics

@@ -8,6 +8,7 @@ import pandas as pd
 
 from ..config.data import TaskSpec
 from . import plots
+from .baseline import MAJORITY
 from .baseline import NAME as BASELINE
 from .errors import ENTITY_KINDS
 from .report import Block, data_qa_blocks, training_blocks
@@ -39,20 +40,62 @@ PRIMARY = {"classification": ("macro_f1", 1.0), "extraction": ("f1", 1.0), "gene
 EXAMPLES_IN_REPORT = 5
 
 
-def headline_table(metrics: dict, tasks: dict[str, TaskSpec], models: list[str]) -> pd.DataFrame:
-    """task x metric rows, one column per model (+ the baseline), and `delta` = last model - first model."""
+def headline_table(
+    metrics: dict, tasks: dict[str, TaskSpec], models: list[str], untrained: set[str] = frozenset()
+) -> pd.DataFrame:
+    """task x metric rows, one column per model (+ the baselines), and `delta` = last model - first model.
+
+    An untrained first model (random weights built from a config) gets no delta: beating it says nothing.
+    """
     rows = []
     for task_name, task in tasks.items():
         for metric in HEADLINE[task.type]:
             row = {"task": task_name, "metric": metric}
-            for model in [*models, BASELINE]:
+            for model in [*models, BASELINE, MAJORITY]:
                 value = metrics.get(model, {}).get(task_name, {}).get(metric)
-                if value is not None or model != BASELINE:
-                    row[model] = value
-            if len(models) > 1 and None not in (row.get(models[0]), row.get(models[-1])):
-                row["delta"] = row[models[-1]] - row[models[0]]
+                if value is not None or model in models:
+                    row[_column(model, untrained)] = value
+            first, last = models[0], models[-1]
+            comparable = len(models) > 1 and first not in untrained
+            if comparable and None not in (
+                metrics.get(first, {}).get(task_name, {}).get(metric),
+                row.get(last),
+            ):
+                row["delta"] = row[last] - row[_column(first, untrained)]
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _column(model: str, untrained: set[str]) -> str:
+    return f"{model} (untrained)" if model in untrained else model
+
+
+def verdict_lines(
+    metrics: dict, tasks: dict[str, TaskSpec], models: list[str], untrained: set[str]
+) -> list[str]:
+    """One sentence per task: the final model's primary metric against the baselines and the base model."""
+    final, first = models[-1], models[0]
+    lines = []
+    for name, task in tasks.items():
+        metric, scale = PRIMARY[task.type]
+        value = metrics.get(final, {}).get(name, {}).get(metric)
+        if value is None:
+            continue
+        parts = [f"{name}: {final} {metric} {value / scale:.3f}"]
+        reference = metrics.get(BASELINE, {}).get(name, {}).get(metric)
+        if reference is not None:
+            gap = (value - reference) / scale
+            verb = "LOSES to" if gap < 0 else "beats" if gap > 0 else "ties"
+            parts.append(f"{verb} the TF-IDF baseline ({reference / scale:.3f}, {gap:+.3f})")
+        floor = metrics.get(MAJORITY, {}).get(name, {}).get(metric)
+        if floor is not None:
+            parts.append(f"majority class {floor / scale:.3f}")
+        if len(models) > 1 and first in untrained:
+            parts.append(f"{first} is untrained (random weights from a config): no comparison")
+        elif len(models) > 1 and (before := metrics.get(first, {}).get(name, {}).get(metric)) is not None:
+            parts.append(f"{first} {before / scale:.3f} ({(value - before) / scale:+.3f})")
+        lines.append("; ".join(parts) + ".")
+    return lines
 
 
 def efficiency_table(metrics: dict, models: list[str]) -> pd.DataFrame:
@@ -150,6 +193,7 @@ def _unparseable_blocks(results, analyses) -> list[Block]:
 
 def report_blocks(
     results,
+    untrained,
     baseline_metrics,
     analyses,
     tasks,
@@ -162,16 +206,9 @@ def report_blocks(
     """Every section of report.md/html, in reading order."""
     models, plots_dir = list(results), Path(reports_dir) / "plots"
     stage = metrics["stage"]
-    blocks = [
-        Block(
-            "p",
-            f"Models: {', '.join(models)}; {stage['test_records']} test records x {stage['tasks']} tasks. "
-            f"The stage took {stage['seconds']:.1f}s wall ({stage['workers']} model(s) at a time); "
-            "per-model wall and CPU seconds are in the efficiency table.",
-        )
-    ]
-    blocks += data_qa_blocks(label_qa_dir) + training_blocks(train_reports_dir, curves_png)
-    table = headline_table(metrics, tasks, models)
+    blocks = [Block("h2", "Verdict")]
+    blocks += [Block("p", line) for line in verdict_lines(metrics, tasks, models, untrained)]
+    table = headline_table(metrics, tasks, models, untrained)
     blocks += [
         Block("h2", f"Headline: {' -> '.join(models)}" + (" (TF-IDF baseline)" if baseline_metrics else "")),
         Block("table", data=table),
@@ -206,4 +243,12 @@ def report_blocks(
         elif task.type == "extraction":
             blocks += _extraction_blocks(name, results, analyses, metrics, plots_dir)
     blocks += _unparseable_blocks(results, analyses)
-    return blocks
+    blocks.append(
+        Block(
+            "p",
+            f"Models: {', '.join(models)}; {stage['test_records']} test records x {stage['tasks']} tasks. "
+            f"The stage took {stage['seconds']:.1f}s wall ({stage['workers']} model(s) at a time); "
+            "per-model wall and CPU seconds are in the efficiency table.",
+        )
+    )
+    return blocks + data_qa_blocks(label_qa_dir) + training_blocks(train_reports_dir, curves_png)
