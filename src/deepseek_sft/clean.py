@@ -20,7 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .clean_rules import Deduplicator, Mapped, clean_text, realign_span
+from .clean_rules import Deduplicator, Mapped, clean_text, language_check, realign_span
 from .config import StageParams
 from .config.data import CleanParams, TaskSpec
 from .io import DataError, atomic_path, iter_jsonl_lines, write_jsonl, write_metrics
@@ -354,6 +354,7 @@ def clean_lines(lines: Iterable[tuple[int, str]], stage: StageParams) -> CleanRe
         lengths=[length for _, _, length in kept],
     )
     result.metrics = _metrics(cleaner, len(result.kept))
+    result.metrics |= language_check([r["text"] for r in result.kept], stage.section, stage.tasks)
     return result
 
 

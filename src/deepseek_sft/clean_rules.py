@@ -4,10 +4,17 @@ Rules run in a fixed order: NFKC -> traditional-to-simplified -> drop Latin lett
 characters -> whitespace. Because every rule carries the offset map along, entity spans of the raw text can
 be moved onto the cleaned text exactly (`realign_span`), however the text length changed.
 
-Whitespace decision: Chinese needs no spaces, so every whitespace run is removed, except that a run between
-two Latin letters/digits becomes one space ("Visa Platinum", "iPhone 15", "USD 100") so Latin words do not
-fuse. With `remove_whitespace: false` runs are collapsed to one space instead. Leading and trailing
-whitespace always goes. Control characters and zero-width characters (ZWSP, ZWJ, BOM, soft hyphen) are
+Whitespace decision (one default for Chinese, English and mixed text): a whitespace run next to a CJK
+character or CJK / full-width punctuation is removed, since Chinese and Japanese do not separate words by
+spaces ("我 的 卡" -> "我的卡", "转账 500 USD 给 John Smith" -> "转账500 USD给John Smith"); every other run
+becomes one space, so Latin words, numbers and units never fuse ("Visa Platinum", "USD 100", "27.7 % and",
+"S.A. has"). A space before Latin punctuation ("Gran , the company") is kept too: it is how tokenised
+English corpora are written, and clean does not guess at detokenisation (quotes, "'s", "n't" and brackets
+would need rules of their own); train and test are cleaned alike, so the model sees one convention. A
+space next to a CJK character is dropped even in English text ("Contact 张伟 today" -> "Contact张伟today"):
+the rule looks at the two neighbours only, which keeps span re-alignment exact. With
+`remove_whitespace: false` runs are collapsed to one space instead. Leading and trailing whitespace always
+goes. Control characters and zero-width characters (ZWSP, ZWJ, BOM, soft hyphen) are
 always dropped: they are invisible, carry no content and defeat deduplication.
 """
 
@@ -21,7 +28,8 @@ from typing import Any
 
 from datasketch import MinHash, MinHashLSH
 
-from .config.data import CleanParams
+from .config.data import CleanParams, TaskSpec
+from .language import CJK_RE, script_mix, space_separates, warn_chinese_only
 
 ZERO_WIDTH = frozenset("\u200b\u200c\u200d\u2060\ufeff\u00ad")
 SHINGLE = 3  # character n-gram size of the near-duplicate signature
@@ -138,11 +146,11 @@ def apply_drop_invisible(m: Mapped) -> Mapped:
 
 
 def _keeps_space(before: str, after: str, remove: bool) -> bool:
-    return not remove or (is_latin_or_digit(before) and is_latin_or_digit(after))
+    return not remove or space_separates(before, after)
 
 
 def apply_whitespace(m: Mapped, remove: bool) -> Mapped:
-    """Remove whitespace runs (keep one space between Latin tokens), or collapse them if `remove` is off."""
+    """Remove whitespace runs next to CJK (keep one space elsewhere), or collapse them if `remove` is off."""
     chars: list[str] = []
     src: list[int] = []
     run_start: int | None = None  # source index of the first character of the pending whitespace run
@@ -170,6 +178,24 @@ def clean_text(text: str, params: CleanParams) -> Mapped:
         m = apply_remove_latin_digits(m)
     m = apply_drop_invisible(m)
     return apply_whitespace(m, params.remove_whitespace)
+
+
+def chinese_only_settings(params: CleanParams, tasks: dict[str, TaskSpec]) -> list[str]:
+    """The settings of stage clean (and the task prompts it passes on) that only suit Chinese text, with why."""
+    found = []
+    if params.to_simplified:
+        found.append("clean.to_simplified (converts traditional to simplified Chinese)")
+    if params.remove_latin_digits:
+        found.append("clean.remove_latin_digits (deletes every Latin letter and digit)")
+    for name, task in tasks.items():
+        if CJK_RE.search(task.instruction):
+            found.append(f"tasks.{name}.instruction {task.instruction!r} (a Chinese prompt)")
+    return found
+
+
+def language_check(texts: list[str], params: CleanParams, tasks: dict[str, TaskSpec]) -> dict[str, int]:
+    """Warn (one log line) when Chinese-only settings meet mostly-Latin texts; the metrics flag (0 / 1)."""
+    return warn_chinese_only("clean", script_mix(texts), chinese_only_settings(params, tasks))
 
 
 def realign_span(start: int, end: int, m: Mapped) -> tuple[int, int] | None:

@@ -7,6 +7,7 @@ from collections import Counter
 
 from ..config import StageParams, TaskSpec
 from ..io import sha256_file
+from ..language import script_mix
 
 VIOLATION_LABEL = "violation"
 
@@ -31,12 +32,14 @@ def _voted(records: list[dict], field: str) -> list:
 
 
 def summarize(records: list[dict], tasks: dict[str, TaskSpec], seconds: float) -> dict:
-    """Flat metrics: size, variety, label balance and annotator count of the fetched records."""
+    """Flat metrics: size, variety, script mix (CJK / Latin letters), label balance and annotators of the records."""
     stats: dict[str, float | int] = {
         "records": len(records),
         "distinct_texts": len({r["text"] for r in records if isinstance(r.get("text"), str)}),
         "malformed_records": sum(1 for r in records if "_error" in r),
         "n_annotators": len({name for r in records for name in r.get("annotations") or {}}),
+        # which writing systems the data uses: clean and augment warn when Chinese-only settings meet Latin
+        **script_mix(r.get("text") for r in records).metrics(),
     }
     extraction = next((t for t in tasks.values() if t.type == "extraction"), None)
     if extraction is not None:
