@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import random
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from deepseek_sft.augment_edits import (
     MentionPool,
     SynonymDictionary,
     clauses,
+    latin_sentences,
     mention_edit,
     structure_edit,
     synonym_edit,
@@ -523,3 +525,162 @@ def test_balance_by_a_field_a_record_lacks_names_the_record(train_file, stage):
     del records[3]["intent"]
     with pytest.raises(ValueError, match=rf"balance_by: record '{records[3]['id']}' has no 'intent' label"):
         augment_records(records, balanced(stage))
+
+
+# --- language: English data ----------------------------------------------------------------------------
+
+ENGLISH = [  # sentences in the style of a public English financial-news set, ORG entities marked
+    ("Biohit said that it will cut costs, and lay off 10 of its own personnel.", ["Biohit"]),
+    ("Gran , the company said that net sales rose 27.7 % and S.A. has agreed .", ["Gran"]),
+    ("Nokia shares rose 5.5 percent. The company expects growth in 2010.", ["Nokia"]),
+    ("Operating profit fell to EUR 1.2 mn. Mr. Smith said demand was weak. Sales grew in Finland.", []),
+    ("Kone said its order book grew. The firm hired 200 people.", ["Kone"]),
+    ("Sales at Stockmann fell, and the firm cut its outlook.", ["Stockmann"]),
+    ("Componenta raised its guidance! The company cited strong demand.", ["Componenta"]),
+    ("The U.S. unit of Ruukki Corp. said sales rose. It expects more orders.", ["Ruukki"]),
+]
+
+
+def english_records() -> list[dict]:
+    """Processed English records: sentiment labels, ORG spans at each listed surface."""
+    out = []
+    for i, (text, orgs) in enumerate(ENGLISH):
+        spans = [
+            {"start": text.index(o), "end": text.index(o) + len(o), "type": "ORG", "text": o} for o in orgs
+        ]
+        label = ["positive", "negative", "neutral"][i % 3]
+        out.append(
+            {"id": f"e{i}", "text": text, "intent": label, "compliance": "compliant", "entities": spans}
+        )
+    return out
+
+
+def english_stage(stage, **updates):
+    """The stage's params with augment fields replaced (nested sections as dicts of their own fields)."""
+    section = stage.section
+    for key, value in updates.items():
+        if isinstance(value, dict):
+            value = getattr(section, key).model_copy(update=value)
+        section = section.model_copy(update={key: value})
+    return dataclasses.replace(stage, section=section.model_copy(update={"balance_by": None}))
+
+
+def sentence_set(text: str) -> Counter:
+    """The sentences of an English text (as the structure method splits them)."""
+    return Counter(text[s:e] for s, e, _ in latin_sentences(text, [False] * len(text)))
+
+
+def test_english_data_each_method_adds_sound_variants_or_says_why(stage, caplog):
+    caplog.set_level(logging.WARNING, logger="deepseek_sft.augment")
+    records = english_records()
+    result = augment_records(records, english_stage(stage, ratio=3.0))
+    m = result.metrics
+    # synonym: the repository dictionary is Chinese; it adds nothing and says so in one line and the metrics
+    assert (m["added_synonym"], m["unsupported_synonym"], m["quota_synonym"]) == (0, 1, 8)
+    assert m["chinese_only_settings_on_latin"] == 1
+    lines = [r.getMessage() for r in caplog.records]
+    assert (
+        "augment synonym: adds nothing: the dictionary resources/financial_synonyms.tsv holds CJK terms "
+        "(0% Latin, 100% CJK of " in lines[0]
+    )
+    assert "but the train texts are 100% Latin, 0% CJK of " in lines[0]
+    # structure: whole sentences only, each keeping its capital and full stop; one-sentence texts are skipped
+    # with a reason (the "personnel.,Biohit said" bug cannot happen), and the shortfall is one log line
+    sources = {r["id"]: r for r in records}
+    structure = result.added["structure"]
+    assert m["unsupported_structure"] == 0 and len(structure) == m["added_structure"] >= 5
+    for variant in structure:
+        source = sources[variant["augment"]["source_id"]]
+        assert (
+            sentence_set(variant["text"]) == sentence_set(source["text"])
+            and len(sentence_set(source["text"])) >= 2
+        )
+        assert all(s[0].isupper() and s.rstrip()[-1] in ".!?" for s in sentence_set(variant["text"]))
+        assert ".," not in variant["text"] and variant["text"] != source["text"]
+        assert_spans_follow_source(variant, source)
+    assert m["skipped_single_sentence_structure"] > 0
+    assert any(line.startswith("augment structure: added ") and "single_sentence x" in line for line in lines)
+    # mention: ORG names swapped between records, spans on the new names
+    mentions = {"ORG": {o for _, orgs in ENGLISH for o in orgs}}
+    assert m["added_mention"] > 0 and m["unsupported_mention"] == 0
+    for variant in result.added["mention"]:
+        assert_spans_follow_source(variant, sources[variant["augment"]["source_id"]], mentions)
+
+
+def test_english_dictionary_replaces_whole_words_only(stage, tmp_path):
+    dictionary = tmp_path / "en.tsv"
+    dictionary.write_text("company\tfirm\nrose\tincreased\tclimbed\nsaid\tstated\n", encoding="utf-8")
+    synonyms = SynonymDictionary.from_tsv(dictionary)
+    text = "The firmly held firm said sales rose; prose aside."
+    assert [text[s:e] for s, e in synonyms.find(text, [False] * len(text))] == ["firm", "said", "rose"]
+    params = english_stage(stage, methods=["synonym"], ratio=1.0, synonym={"dictionary": str(dictionary)})
+    result = augment_records(english_records(), params)
+    assert (
+        result.metrics["unsupported_synonym"] == 0 and result.metrics["chinese_only_settings_on_latin"] == 0
+    )
+    assert result.metrics["added_synonym"] >= 6
+    for variant in result.added["synonym"]:
+        words = variant["text"].split()
+        assert not {"firmly", "companyly"} & set(words)
+        assert_spans_follow_source(
+            variant, next(r for r in english_records() if r["id"] == variant["augment"]["source_id"])
+        )
+
+
+def test_english_data_backtranslation_needs_an_english_source_lang(stage, caplog):
+    caplog.set_level(logging.WARNING, logger="deepseek_sft.augment")
+    bt = {"backend": "http", "url": "http://127.0.0.1:9/translate"}  # never called: a fake is passed in
+    zh = english_stage(stage, methods=["backtranslation"], backtranslation=bt)
+    result = augment_records(english_records(), zh, translator=FakeTranslator())
+    assert (result.metrics["added_backtranslation"], result.metrics["unsupported_backtranslation"]) == (0, 1)
+    assert "backtranslation.source_lang='zh' is written in CJK script" in caplog.records[0].getMessage()
+
+    class Paraphraser:  # en -> de -> en that rewrites one word and spaces out the placeholders
+        def translate(self, texts, source, target):
+            return [t.replace("said", "stated").replace("[E0]", " [ E0 ]  ") for t in texts]
+
+    en = english_stage(
+        stage, methods=["backtranslation"], backtranslation={**bt, "source_lang": "en", "pivot_lang": "de"}
+    )
+    result = augment_records(english_records(), en, translator=Paraphraser())
+    assert result.metrics["unsupported_backtranslation"] == 0 and result.metrics["added_backtranslation"] == 5
+    first = result.added["backtranslation"][0]
+    assert "stated" in first["text"] and "  " not in first["text"]  # word spaces kept, runs collapsed
+    assert (
+        first["text"][first["entities"][0]["start"] : first["entities"][0]["end"]]
+        == first["entities"][0]["text"]
+    )
+
+
+def test_mention_on_data_without_entities_says_so(stage, caplog):
+    caplog.set_level(logging.WARNING, logger="deepseek_sft.augment")
+    records = [{**r, "entities": []} for r in english_records()]
+    result = augment_records(records, english_stage(stage, methods=["mention"], ratio=1.0))
+    assert (result.metrics["added_mention"], result.metrics["unsupported_mention"]) == (0, 1)
+    assert [r.getMessage() for r in caplog.records] == [
+        "augment mention: adds nothing: no train record has an entity span (no extraction task in `tasks`, "
+        "or no entity labelled)"
+    ]
+
+
+def test_structure_never_splits_at_an_abbreviation_or_a_decimal():
+    text = "Mr. Smith of Kone S.A. said sales rose 5.5 %. Profit fell."
+    assert [text[s:e] for s, e, _ in latin_sentences(text, [False] * len(text))] == [
+        "Mr. Smith of Kone S.A. said sales rose 5.5 %.",
+        "Profit fell.",
+    ]
+    edited = structure_edit(text, {"entities": []}, True, random.Random(0))
+    assert edited.text == "Profit fell. Mr. Smith of Kone S.A. said sales rose 5.5 %."
+    biohit = ENGLISH[0][0]
+    assert structure_edit(biohit, {"entities": []}, True, random.Random(0)).reason == "single_sentence"
+
+
+def test_metrics_hold_no_wall_clock_time_and_repeat_byte_for_byte(train_file, stage, tmp_path):
+    """DVC tracks metrics.json: identical runs must write identical bytes (issue 15 item 11)."""
+    for name in ("a", "b"):
+        run_augment(train_file, tmp_path / f"{name}.jsonl", tmp_path / name, stage)
+    first = (tmp_path / "a" / "metrics.json").read_bytes()
+    assert first == (tmp_path / "b" / "metrics.json").read_bytes()
+    assert not [k for k in json.loads(first) if "second" in k or "time" in k]
+    timing = json.loads((tmp_path / "a" / "timing.json").read_text())
+    assert set(timing) == {"augment_seconds"} and timing["augment_seconds"] >= 0

@@ -14,8 +14,17 @@ walks the records in a seeded order and skips texts that already exist. With `ba
 the order is weighted by 1 / label frequency, so rare labels (the long tail that macro-F1 weighs as much as
 the head) get about as many variants as frequent ones.
 
+Language: each method knows which scripts it serves (`Method.cannot_serve`): synonym the script of its
+dictionary's terms, backtranslation that of `source_lang`, mention any text with entity spans, structure
+clauses of CJK text and whole sentences of Latin text. A method that cannot serve the train texts adds
+nothing, says why in one log line and sets `unsupported_<method>` in the metrics; a method that falls short
+of its quota logs its skip reasons in one line. Its quota is not handed to the others, so the counts of one
+method do not depend on the data's fit for another.
+
 Output: the train lines verbatim, then the variants (id ``<id>-aug-<method>-<pass>``, an ``augment``
 key naming method and source). With `enabled: false` the output is a byte copy of train.jsonl.
+metrics.json holds counts only (DVC tracks it, so it must not change between identical runs); the
+wall-clock time goes to timing.json beside it, which DVC does not track.
 """
 
 from __future__ import annotations
@@ -43,7 +52,8 @@ from .augment_edits import (
 from .config import StageParams
 from .config.augment import AugmentParams
 from .config.data import TaskSpec
-from .io import DataError, atomic_path, iter_jsonl_lines, write_metrics, write_text
+from .io import DataError, atomic_path, iter_jsonl_lines, write_json, write_metrics, write_text
+from .language import CHINESE_ONLY_FLAG, ScriptMix, language_script, script_mix
 
 __all__ = ["AugmentResult", "augment_records", "load_train", "run_augment"]
 
@@ -58,6 +68,7 @@ class AugmentResult:
 
     added: dict[str, list[dict]] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0  # wall-clock time; kept out of `metrics` so identical runs write identical metrics
 
     @property
     def variants(self) -> list[dict]:
@@ -148,6 +159,35 @@ class Method:
         self.synonyms = SynonymDictionary.from_tsv(params.synonym.dictionary) if name == "synonym" else None
         if name == "backtranslation" and self.translator is None:
             self.translator = make_translator(params.backtranslation)
+
+    def cannot_serve(self, mix: ScriptMix, records: list[dict], fields: list[str]) -> str:
+        """Why this method can add nothing to these train records ("" when it can)."""
+        data = mix.dominant
+        if self.name == "synonym" and {self.synonyms.mix.dominant, data} == {"cjk", "latin"}:
+            return (
+                f"the dictionary {self.params.synonym.dictionary} holds {self.synonyms.mix.dominant.upper()} terms "
+                f"({self.synonyms.mix.describe()}) but the train texts are {mix.describe()}; set "
+                "augment.synonym.dictionary to a dictionary in the records' language"
+            )
+        if self.name == "backtranslation":
+            lang = self.params.backtranslation.source_lang
+            script = language_script(lang)
+            if script is not None and data in ("cjk", "latin") and script != data:
+                return (
+                    f"backtranslation.source_lang={lang!r} is written in {script.upper()} script but the train "
+                    f"texts are {mix.describe()}; set source_lang (and the models) to the records' language"
+                )
+        if self.name == "mention" and not any(spans_of(r, fields).get(f) for r in records for f in fields):
+            return "no train record has an entity span (no extraction task in `tasks`, or no entity labelled)"
+        return ""
+
+    def chinese_only(self) -> bool:
+        """Whether this method's setting only suits Chinese text (a CJK dictionary, a Chinese source)."""
+        if self.name == "synonym":
+            return self.synonyms.mix.dominant == "cjk"
+        if self.name == "backtranslation":
+            return language_script(self.params.backtranslation.source_lang) == "cjk"
+        return False
 
     @property
     def chunk(self) -> int:
@@ -249,6 +289,35 @@ def run_method(
     return added, counts
 
 
+# what a skip reason means, for the one log line of a method that fell short of its quota
+REASONS = {
+    "duplicate": "the variant already exists",
+    "no_dictionary_term": "no dictionary term outside the entities",
+    "single_clause": "one clause only (CJK text is split at ，,；;)",
+    "single_sentence": "fewer than two sentences (Latin-script text is reordered by whole sentences only)",
+    "sentence_reorder_off": "Latin-script text needs structure.sentence_reorder",
+    "no_entity": "no entity span to replace",
+    "no_alternative_mention": "no other train mention of the same entity type",
+    "unchanged": "the edit gave the same text",
+    "entity_lost": "the translation lost an entity placeholder",
+    "overlapping_entities": "overlapping entity spans cannot be masked",
+    "empty_translation": "the translation came back empty",
+    "span_broken": "an entity span no longer covered its text (a bug guard)",
+}
+
+
+def shortfall_line(name: str, added: int, quota: int, counts: Counter) -> str:
+    """One line saying why a method added fewer variants than its quota (its skip reasons, most common first)."""
+    skipped = sorted(
+        ((k.removeprefix("skipped_"), v) for k, v in counts.items() if k != "tried"),
+        key=lambda kv: (-kv[1], kv[0]),
+    )
+    why = ", ".join(f"{reason} x{n} ({REASONS.get(reason, reason)})" for reason, n in skipped)
+    return (
+        f"augment {name}: added {added} of {quota} after {counts['tried']} tries; skipped: {why or 'nothing'}"
+    )
+
+
 def augment_records(
     records: list[dict], stage: StageParams, translator: Translator | None = None
 ) -> AugmentResult:
@@ -260,24 +329,35 @@ def augment_records(
     metrics: dict[str, float] = {"train_records": len(records)}
     methods = params.methods if params.enabled else []
     seen = {r["text"] for r in records}
+    mix = script_mix(r["text"] for r in records)
     mentions = MentionPool([spans_of(r, fields) for r in records], [r["text"] for r in records])
     weights = balance_weights(records, params.balance_by if methods else None)
+    chinese_only_on_latin = False
     for name, quota in quotas(round(params.ratio * len(records)), methods).items():
-        # one stream per method: adding or removing a method does not change the others' variants
-        rng = random.Random(f"{stage.seed}:augment:{name}")
-        added, counts = run_method(
-            Method(name, params, translator, mentions), records, fields, quota, rng, seen, weights
-        )
+        method = Method(name, params, translator, mentions)
+        why = method.cannot_serve(mix, records, fields)
+        added, counts = [], Counter()
+        if why:
+            log.warning("augment %s: adds nothing: %s", name, why)
+            chinese_only_on_latin |= mix.mostly_latin and method.chinese_only()
+        else:
+            # one stream per method: adding or removing a method does not change the others' variants
+            rng = random.Random(f"{stage.seed}:augment:{name}")
+            added, counts = run_method(method, records, fields, quota, rng, seen, weights)
+            if len(added) < quota:
+                log.warning(shortfall_line(name, len(added), quota, counts))
         result.added[name] = added
         metrics[f"quota_{name}"] = quota
         metrics[f"added_{name}"] = len(added)
+        metrics[f"unsupported_{name}"] = int(bool(why))
         metrics.update({f"{key}_{name}": value for key, value in sorted(counts.items())})
     metrics["added_total"] = len(result.variants)
     metrics["out_records"] = len(records) + len(result.variants)
+    metrics[CHINESE_ONLY_FLAG] = int(chinese_only_on_latin)
     if params.balance_by:  # how the rarest label's share of the records moved
         metrics |= rarest_label_share(records, result.variants, params.balance_by)
-    metrics["augment_seconds"] = round(time.perf_counter() - started, 3)
     result.metrics = metrics
+    result.seconds = time.perf_counter() - started
     return result
 
 
@@ -285,9 +365,10 @@ def augment_records(
 
 
 def write_reports(result: AugmentResult, reports: str | Path) -> None:
-    """metrics.json and added_per_method.csv (a DVC bar plot) under `reports`."""
+    """metrics.json, added_per_method.csv (a DVC bar plot) and timing.json (not DVC-tracked) under `reports`."""
     reports = Path(reports)
     write_metrics(reports / "metrics.json", result.metrics)
+    write_json(reports / "timing.json", {"augment_seconds": round(result.seconds, 3)})
     rows = [f"{m},{len(v)}" for m, v in result.added.items()]
     write_text(reports / "added_per_method.csv", "\n".join(["method,added", *rows]) + "\n")
 

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from .augment_edits import Edited, SpansByField
 from .config.augment import BackTranslationParams
+from .language import tidy_spaces
 
 PLACEHOLDER = "[E{}]"
 PLACEHOLDER_RE = re.compile(r"\[\s*[Ee]\s*(\d+)\s*\]")
@@ -121,9 +122,9 @@ def unmask(
     translated: str, text: str, keys: list[tuple[int, int]], spans: SpansByField, strip_ws: bool
 ) -> Edited:
     """Put the entity texts back into a round-trip translation; spans follow their placeholders."""
-    if strip_ws:
-        # the records hold no whitespace (clean removed it); a translator's spaces would be new noise
-        translated = re.sub(r"\s+", "", translated)
+    # text without whitespace (clean removed it from Chinese): a translator's spaces would be new noise;
+    # spaced text (English, mixed): keep the spaces that separate words, as clean does
+    translated = re.sub(r"\s+", "", translated) if strip_ws else tidy_spaces(translated)
     found = [int(m.group(1)) for m in PLACEHOLDER_RE.finditer(translated)]
     if sorted(found) != list(range(len(keys))):
         return Edited(reason="entity_lost")

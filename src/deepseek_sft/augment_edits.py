@@ -3,6 +3,11 @@
 Every edit is expressed as a list of *pieces* (slices of the old text, or new strings) that are
 concatenated into the new text. Characters carried over keep a map from old to new position, so each
 entity span moves with its characters; an edit never touches a character inside an entity.
+
+Language: synonym terms match whole words in Latin script ("card" never inside "discard") and anywhere in
+CJK text (no spaces between words there). Structure reorders the clauses of a CJK sentence, but only whole
+sentences of space-separated (Latin) text: English clauses carry their conjunction, capital and full stop
+with them, so moving one garbles it ("and lay off 10 of its own personnel.,Biohit said that ...").
 """
 
 from __future__ import annotations
@@ -12,12 +17,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .io import DataError
+from .language import is_cjk, mix_of, script_mix
 
 Piece = tuple[int, int] | str
 SpansByField = dict[str, list[dict]]
 
 CLAUSE_SEPARATORS = frozenset("，,；;")
 SENTENCE_ENDS = frozenset("。！？!?")
+LATIN_SENTENCE_ENDS = frozenset(".!?")
+CLOSING = frozenset("\"')]}”’»")  # may follow a sentence's terminator and belong to the sentence
+# a "." after these (any case) closes an abbreviation, not a sentence; so does one after an initial ("J.")
+# or inside a dotted token ("S.A.", "U.S.", "e.g.")
+ABBREVIATIONS = frozenset(
+    "mr mrs ms dr prof sr jr st inc ltd co corp plc llc bros no nos vs etc approx est dept fig vol pp "  # noqa: SIM905
+    "jan feb mar apr jun jul aug sep sept oct nov dec mon tue wed thu fri sat sun".split()
+)
 
 
 @dataclass(frozen=True)
@@ -95,6 +109,7 @@ class SynonymDictionary:
                 alternatives.setdefault(term, set()).update(t for t in group if t != term)
         self.alternatives = {term: sorted(alts) for term, alts in alternatives.items()}
         self.max_len = max((len(t) for t in self.alternatives), default=0)
+        self.mix = script_mix(self.alternatives)  # which script the terms are written in
 
     @classmethod
     def from_tsv(cls, path: str | Path) -> SynonymDictionary:
@@ -117,17 +132,37 @@ class SynonymDictionary:
         return cls(groups)
 
     def find(self, text: str, blocked: list[bool]) -> list[tuple[int, int]]:
-        """Dictionary terms in `text` by forward maximum matching, skipping any that touch a blocked character."""
+        """Dictionary terms in `text` by forward maximum matching, skipping any that touch a blocked character.
+
+        A term edge that is a Latin letter or digit must sit at a word boundary.
+        """
         found, i = [], 0
         while i < len(text):
             for length in range(min(self.max_len, len(text) - i), 0, -1):
-                if text[i : i + length] in self.alternatives and not any(blocked[i : i + length]):
+                term = text[i : i + length]
+                if (
+                    term in self.alternatives
+                    and not any(blocked[i : i + length])
+                    and _whole_word(text, i, i + length)
+                ):
                     found.append((i, i + length))
                     i += length
                     break
             else:
                 i += 1
         return found
+
+
+def _word_char(ch: str) -> bool:
+    """A letter or digit of a space-separated script (CJK characters form no words delimited by spaces)."""
+    return ch.isalnum() and not is_cjk(ch)
+
+
+def _whole_word(text: str, start: int, end: int) -> bool:
+    """text[start:end] does not cut into a word at a Latin-letter / digit edge."""
+    cuts_left = start > 0 and _word_char(text[start]) and _word_char(text[start - 1])
+    cuts_right = end < len(text) and _word_char(text[end - 1]) and _word_char(text[end])
+    return not (cuts_left or cuts_right)
 
 
 def synonym_edit(
@@ -203,8 +238,64 @@ def _reorder(text: str, slots: list[tuple[int, int]], new_order: list[tuple[int,
     return pieces
 
 
+def _abbreviation(text: str, start: int, dot: int) -> bool:
+    """Whether the "." at `dot` closes an abbreviation or initial rather than the sentence begun at `start`."""
+    words = text[start:dot].split()
+    if not words or text[dot - 1].isspace():
+        return False  # a detached " ." (tokenised text) closes a sentence
+    token = words[-1].lstrip("\"'(“‘«")
+    return "." in token or (len(token) == 1 and token.isalpha()) or token.lower() in ABBREVIATIONS
+
+
+def latin_sentences(text: str, blocked: list[bool]) -> list[tuple[int, int, bool]]:
+    """(start, end, terminated) of each sentence of space-separated text, the spaces between them excluded.
+
+    A sentence ends at . ! ? (with any closing quotes or brackets) followed by whitespace and a capital
+    letter or digit, or by the end of the text; an abbreviation's "." ends none.
+    """
+    out, start, i, n = [], 0, 0, len(text)
+    while i < n:
+        if text[i] not in LATIN_SENTENCE_ENDS or blocked[i]:
+            i += 1
+            continue
+        end = i
+        while end < n and (text[end] in LATIN_SENTENCE_ENDS or text[end] in CLOSING):
+            end += 1
+        following = end
+        while following < n and text[following].isspace():
+            following += 1
+        at_end = following == n
+        starts_next = (
+            following > end and following < n and (text[following].isupper() or text[following].isdigit())
+        )
+        if (at_end or starts_next) and not (text[i] == "." and _abbreviation(text, start, i)):
+            out.append((start, end, True))
+            start = following
+        i = end
+    if text[start:].strip():
+        out.append((start, len(text.rstrip()), False))
+    return out
+
+
+def _latin_structure(text: str, spans: SpansByField, sentence_reorder: bool, rng: random.Random) -> Edited:
+    """Reorder whole sentences of space-separated text; each keeps its capital and its terminator."""
+    found = latin_sentences(text, protected_mask(text, spans))
+    # a sentence that starts in lower case may be the tail of a missed abbreviation: never move it
+    terminated = [(s, e) for s, e, done in found if done and (text[s].isupper() or text[s].isdigit())]
+    if len(terminated) < 2 or len(terminated) < sum(done for _, _, done in found):
+        return Edited(reason="single_sentence")
+    if not sentence_reorder:
+        return Edited(reason="sentence_reorder_off")
+    return apply_pieces(text, spans, _reorder(text, terminated, _shuffled(terminated, rng)))
+
+
 def structure_edit(text: str, spans: SpansByField, sentence_reorder: bool, rng: random.Random) -> Edited:
-    """Reorder the clauses of one sentence (or, when allowed, the terminated sentences); spans move along."""
+    """Reorder the clauses of one sentence (or, when allowed, the terminated sentences); spans move along.
+
+    Text whose letters are mostly not CJK is reordered by whole sentences only (`_latin_structure`).
+    """
+    if mix_of(text).dominant not in ("cjk", "none"):
+        return _latin_structure(text, spans, sentence_reorder, rng)
     blocked = protected_mask(text, spans)
     found = sentences(text, blocked)
     options: list[list[tuple[int, int]]] = []

@@ -16,16 +16,19 @@ class SynonymParams(Section):
 
     dictionary: str = Field(
         default="resources/financial_synonyms.tsv",
-        description="TSV file: one synonym group per line, terms separated by tabs, # comments",
+        description="TSV file: one synonym group per line, terms separated by tabs, # comments; terms in the "
+        "records' language (Latin-script terms match whole words; a dictionary in another script adds nothing)",
     )
     max_replacements: int = Field(default=2, ge=1, le=50, description="terms replaced per augmented record")
 
 
 class StructureParams(Section):
-    """Reorder clauses (split at ，/,/；/;) inside a sentence, or whole sentences (split at 。/！/？)."""
+    """Reorder clauses (split at ，/,/；/;) inside a CJK sentence, or whole sentences (。/！/？, and ./!/? in Latin
+    text, which is only ever reordered by whole sentences: its clauses carry capitals and full stops)."""
 
     sentence_reorder: bool = Field(
-        default=True, description="also swap whole sentences when there are several"
+        default=True,
+        description="also swap whole sentences when there are several (the only reordering of Latin text)",
     )
 
 
@@ -43,7 +46,10 @@ class BackTranslationParams(Section):
     backend: Literal["local", "http"] = Field(
         default="local", description="local = transformers translation pipelines; http = a translation API"
     )
-    source_lang: str = Field(default="zh", description="language of the records")
+    source_lang: str = Field(
+        default="zh",
+        description="language of the records; a mismatch with their script adds nothing, with a warning",
+    )
     pivot_lang: str = Field(default="en", description="language translated through")
     to_pivot_model: str | None = Field(default=None, description="local: model directory source -> pivot")
     from_pivot_model: str | None = Field(default=None, description="local: model directory pivot -> source")
