@@ -14,6 +14,8 @@ and would otherwise open marks wherever the next character is hard to guess (inl
 
 Marks and tags must be single tokens (base_model.tiny.tokenizer.label_tokens does this for the embedded
 tokenizer); with a tokenizer where they are not, `echo_constraint` returns None and decoding stays free.
+A text that itself holds a mark or tag token has no answer of that shape (its echo would read as markup),
+so it is decoded free too (the service refuses such texts up front).
 """
 
 from __future__ import annotations
@@ -161,16 +163,17 @@ def echo_constraints(
     marks = mark_token_ids(task, tokenizer)
     if marks is None:
         return None
+    reserved = {*marks[0], marks[1]}
     out: list[Constraint | None] = []
     for text in texts:
         text = text.strip()
         if task.answer_format == "inline":
-            out.append(
-                EchoConstraint(tokenizer(text, add_special_tokens=False)["input_ids"], *marks, eos_ids)
-            )
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            out.append(None if reserved & set(ids) else EchoConstraint(ids, *marks, eos_ids))
         else:
             chars = character_tokens(tokenizer, text)
-            out.append(None if chars is None else TagConstraint(chars, *marks, eos_ids))
+            holds_marks = chars is None or any(reserved & set(char) for char in chars)
+            out.append(None if holds_marks else TagConstraint(chars, *marks, eos_ids))
     return out
 
 
@@ -178,6 +181,17 @@ def echo_constraint(task: TaskSpec, tokenizer, text: str, eos_ids: Sequence[int]
     """`echo_constraints` of one text (a serving request)."""
     constraints = echo_constraints(task, tokenizer, [text], eos_ids)
     return None if constraints is None else constraints[0]
+
+
+def _go_on(constraint: Constraint, allowed: Sequence[int]) -> int:
+    """The one allowed non-mark token. A ValueError, not a bare `next()`: a StopIteration escaping a logits
+    processor cannot be set on an asyncio Future, and the service's request waited forever."""
+    for token in allowed:
+        if token not in constraint.marks:
+            return token
+    raise ValueError(
+        f"the constraint allows no text token or EOS here (only marks {allowed}); text holds a mark?"
+    )
 
 
 def constrained_scores(
@@ -190,7 +204,7 @@ def constrained_scores(
     """
     allowed = constraint.allowed(generated)
     marks = [t for t in allowed if t in constraint.marks]
-    go_on = next(t for t in allowed if t not in constraint.marks)
+    go_on = _go_on(constraint, allowed)
     not_mark = torch.ones_like(scores, dtype=torch.bool)
     not_mark[list(constraint.marks)] = False
     masked = torch.full_like(scores, float("-inf"))
@@ -203,7 +217,7 @@ def constrained_choice(constraint: Constraint, generated: Sequence[int], go_on_s
     """The token `constrained_scores(...).argmax()` picks: the allowed mark with the highest score, or the
     one allowed non-mark token scored `go_on_score` (lowest id first on ties, as argmax)."""
     allowed = constraint.allowed(generated)
-    go_on = next(t for t in allowed if t not in constraint.marks)
+    go_on = _go_on(constraint, allowed)
     options = [(go_on_score, go_on)] + [(scores[t], t) for t in allowed if t in constraint.marks]
     return max(options, key=lambda option: (option[0], -option[1]))[1]
 
