@@ -1,4 +1,4 @@
-"""Stage label_qa: agreement (kappa) gate, majority-vote adjudication, stratified train/val/test split.
+"""Stage label_qa: agreement (kappa) gate, majority-vote adjudication, stable train/val/test split.
 
 Paths come from the dvc.yaml cmd line; parameters from params.yaml `seed`, `tasks` and `label_qa`.
 """

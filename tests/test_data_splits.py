@@ -167,3 +167,27 @@ def test_scripts_run_a_given_split_end_to_end(tmp_path):
     assert metrics["test_records"] == 30 and metrics["train_records"] + metrics["val_records"] == 120
     test = (tmp_path / "processed/test.jsonl").read_text(encoding="utf-8").splitlines()
     assert json.loads(test[0])["id"] == "test-1" and "split" not in json.loads(test[0])
+
+
+def split_of_each(result) -> dict[str, str]:
+    return {r["id"]: name for name, split in result.splits.items() for r in split}
+
+
+def test_changing_clean_min_chars_moves_only_the_records_it_removes(tmp_path):
+    rows = [(f"query {i} " + "about my card " * (i % 6), CATEGORIES[i % 4]) for i in range(600)]
+    data = write_csv(tmp_path / "q.csv", rows)
+    _, _, loose = pipeline(write_params(tmp_path, {"path": str(data)}))
+    raw = yaml.safe_load((tmp_path / "params.yaml").read_text(encoding="utf-8"))
+    raw["clean"]["min_chars"] = 24  # removes the rows with no "about my card" repeat or one repeat
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    _, strict_clean, strict = pipeline(tmp_path / "params.yaml")
+    removed = set(split_of_each(loose)) - set(split_of_each(strict))
+    assert strict_clean.metrics["rejected_too_short"] == len(removed) == 200
+    before, after = split_of_each(loose), split_of_each(strict)
+    assert after == {k: v for k, v in before.items() if k not in removed}  # nobody else moved
+    # the test set lost exactly its removed records, and its fingerprint says so
+    lost = {k for k in removed if before[k] == "test"}
+    assert lost and loose.metrics["test_fingerprint_count"] - strict.metrics["test_fingerprint_count"] == len(
+        lost
+    )
+    assert loose.metrics["test_fingerprint"] != strict.metrics["test_fingerprint"]

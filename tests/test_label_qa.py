@@ -16,8 +16,9 @@ import yaml
 from deepseek_sft.config import ParamsError, StageParams, load_section
 from deepseek_sft.config.data import LabelQaParams
 from deepseek_sft.io import DataError, read_jsonl
-from deepseek_sft.label_qa import AgreementGateError, label_qa, load_interim, split_records
+from deepseek_sft.label_qa import AgreementGateError, label_qa, load_interim
 from deepseek_sft.label_qa_agreement import cohen_kappa, fleiss_from_sequences, fleiss_kappa
+from deepseek_sft.label_qa_split import label_deviation, normalised_text, split_fingerprint, split_records
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = load_section("label_qa", REPO / "params.yaml").tasks
@@ -239,8 +240,9 @@ def test_identical_texts_never_land_in_two_splits():
     records = flat(make_records(200, seed=6))
     for i, r in enumerate(records[100:], start=100):  # every text twice (dedup off upstream)
         r["text"] = records[i - 100]["text"]
-    splits, _ = split_records(records, "intent", 0.15, 0.15, seed=42)
-    texts = {name: {r["text"] for r in split} for name, split in splits.items()}
+    records[150]["text"] = " " + records[50]["text"].upper()  # differs only in case and spacing
+    splits = split_records(records, 0.15, 0.15, seed=42)
+    texts = {name: {normalised_text(r["text"]) for r in split} for name, split in splits.items()}
     assert (
         not texts["train"] & texts["val"]
         and not texts["train"] & texts["test"]
@@ -249,53 +251,94 @@ def test_identical_texts_never_land_in_two_splits():
     assert sum(len(s) for s in splits.values()) == 200
 
 
-@pytest.mark.parametrize(("n", "val_fraction"), [(101, 0.15), (57, 0.2), (400, 0.3)])
-def test_val_share_is_honoured(n, val_fraction):
-    splits, _ = split_records(flat(make_records(n, seed=n)), "intent", val_fraction, 0.1, seed=42)
-    assert len(splits["val"]) >= val_fraction * n
-    assert len(splits["test"]) >= 0.1 * n
-    assert sum(len(s) for s in splits.values()) == n
+@pytest.mark.parametrize(("val_fraction", "test_fraction"), [(0.15, 0.15), (0.2, 0.1), (0.3, 0.05)])
+def test_shares_are_about_the_fractions_asked(val_fraction, test_fraction):
+    records = flat(make_records(3000, seed=3))
+    splits = split_records(records, val_fraction, test_fraction, seed=42)
+    assert sum(len(s) for s in splits.values()) == 3000
+    # binomial noise at n=3000: one standard deviation is under 0.9 points
+    assert abs(len(splits["val"]) / 3000 - val_fraction) < 0.025
+    assert abs(len(splits["test"]) / 3000 - test_fraction) < 0.025
 
 
-def test_split_is_stratified_and_keeps_every_class_in_train():
-    records = flat(make_records(300, seed=7))
-    rng = random.Random(0)
-    rare = flat(
-        [
-            make_record(1000 + i, rng, {"ann_a": 0.0}, intent=label)
-            for i, label in enumerate(["mortgage_inquiry", "account_closing", "account_closing"])
-        ]
-    )
-    splits, stratified = split_records(records + rare, "intent", 0.15, 0.15, seed=42)
-    assert stratified
-    train_labels = {r["intent"] for r in splits["train"]}
-    assert train_labels == {r["intent"] for r in records + rare}
-    # too small to stratify: the rare classes are in train only
-    assert not {"mortgage_inquiry", "account_closing"} & {r["intent"] for r in splits["val"] + splits["test"]}
-    # stratified: the common class has about its overall share in val
-    share = sum(r["intent"] == "transfer" for r in records) / len(records)
-    val_share = sum(r["intent"] == "transfer" for r in splits["val"]) / len(splits["val"])
-    assert abs(val_share - share) < 0.05
+def test_stratification_is_approximate_and_its_deviation_is_reported():
+    records = flat(make_records(2000, seed=7))
+    splits = split_records(records, 0.15, 0.15, seed=42)
+    deviation = label_deviation(splits, "intent")
+    assert 0 < deviation["stratify_deviation_val"] < 0.05 and 0 < deviation["stratify_deviation_test"] < 0.05
+    assert deviation["classes_missing_from_train"] == 0
+    # the measure is the total variation distance: a split holding one class only is far from the whole
+    lopsided = {
+        "train": splits["train"],
+        "val": [r for r in records if r["intent"] == "fraud_report"],
+        "test": [],
+    }
+    whole = lopsided["train"] + lopsided["val"]
+    fraud_share = sum(r["intent"] == "fraud_report" for r in whole) / len(whole)
+    assert label_deviation(lopsided, "intent")["stratify_deviation_val"] == round(1 - fraud_share, 4)
 
 
-def test_tiny_data_falls_back_to_a_random_split_without_crashing():
-    # 4 classes of 3 texts, 2 val + 2 test texts: sklearn cannot put every class in a 2-text split
+def test_a_records_split_does_not_depend_on_the_other_records():
+    records = flat(make_records(600, seed=8))
+    where = {
+        r["id"]: name for name, split in split_records(records, 0.15, 0.15, seed=42).items() for r in split
+    }
+    fewer = records[::3]
+    again = {
+        r["id"]: name for name, split in split_records(fewer, 0.15, 0.15, seed=42).items() for r in split
+    }
+    assert again == {r["id"]: where[r["id"]] for r in fewer}
+    # by id: texts may change (another clean rule) and the split stays
+    by_id = split_records(records, 0.15, 0.15, seed=42, by="id")
+    retexted = [{**r, "text": r["text"] + "。"} for r in records]
+    assert split_records(retexted, 0.15, 0.15, seed=42, by="id")["test"] == [
+        {**r, "text": r["text"] + "。"} for r in by_id["test"]
+    ]
+
+
+def test_tiny_data_still_gets_a_val_and_a_test_record():
     rng = random.Random(8)
-    records = flat([make_record(i, rng, {"gold": 0.0}, intent=INTENTS[i % 4]) for i in range(12)])
-    splits, stratified = split_records(records, "intent", 0.15, 0.15, seed=42)
-    assert not stratified
-    assert len(splits["val"]) >= 2 and len(splits["test"]) >= 1
-    assert {r["intent"] for r in splits["train"]} >= {r["intent"] for r in splits["val"] + splits["test"]}
+    records = flat([make_record(i, rng, {"gold": 0.0}, intent=INTENTS[i % 4]) for i in range(5)])
+    splits = split_records(records, 0.15, 0.05, seed=42)
+    assert len(splits["val"]) >= 1 and len(splits["test"]) >= 1 and len(splits["train"]) >= 1
+    assert sum(len(s) for s in splits.values()) == 5
     with pytest.raises(DataError, match="too few"):
-        split_records(records[:2], "intent", 0.15, 0.15, seed=42)
+        split_records(records[:2], 0.15, 0.15, seed=42)
 
 
 def test_split_is_deterministic_for_a_seed():
     records = flat(make_records(120, seed=9))
-    first, _ = split_records(records, "intent", 0.15, 0.15, seed=42)
-    again, _ = split_records(records, "intent", 0.15, 0.15, seed=42)
-    other, _ = split_records(records, "intent", 0.15, 0.15, seed=43)
+    first = split_records(records, 0.15, 0.15, seed=42)
+    again = split_records(records, 0.15, 0.15, seed=42)
+    other = split_records(records, 0.15, 0.15, seed=43)
     assert first == again and first != other
+
+
+def test_test_fingerprint_changes_when_and_only_when_the_test_set_changes():
+    records = flat(make_records(400, seed=12))
+    splits = split_records(records, 0.15, 0.15, seed=42)
+    base = split_fingerprint(splits["test"])
+    assert base["test_fingerprint_count"] == len(splits["test"]) and len(base["test_fingerprint"]) == 12
+    assert split_fingerprint(list(reversed(splits["test"]))) == base  # order-free
+    # a different val share moves records between train and val only: same test, same fingerprint
+    wider_val = split_records(records, 0.3, 0.15, seed=42)
+    assert wider_val["val"] != splits["val"] and split_fingerprint(wider_val["test"]) == base
+    # a train record removed upstream: same test set, same fingerprint
+    train_id = splits["train"][0]["id"]
+    assert (
+        split_fingerprint(split_records([r for r in records if r["id"] != train_id], 0.15, 0.15, 42)["test"])
+        == base
+    )
+    # a test record removed, or another seed: a different test set, a different fingerprint
+    test_id = splits["test"][0]["id"]
+    fewer = split_fingerprint(
+        split_records([r for r in records if r["id"] != test_id], 0.15, 0.15, 42)["test"]
+    )
+    assert (
+        fewer["test_fingerprint"] != base["test_fingerprint"]
+        and fewer["test_fingerprint_count"] == len(splits["test"]) - 1
+    )
+    assert split_fingerprint(split_records(records, 0.15, 0.15, seed=43)["test"]) != base
 
 
 def test_single_annotator_skips_kappa_and_still_splits():
@@ -305,7 +348,8 @@ def test_single_annotator_skips_kappa_and_still_splits():
     assert m["kappa_skipped"] == 1 and m["gate_passed"] == 1 and m["annotators"] == 1
     assert not [k for k in m if k.startswith(("kappa_intent", "fleiss", "min_kappa", "agreement_"))]
     assert m["adjudicated"] == 100 and m["needs_review"] == 0
-    assert m["val_records"] >= 15 and m["train_records"] + m["val_records"] + m["test_records"] == 100
+    assert m["val_records"] > 0 and m["test_records"] > 0
+    assert m["train_records"] + m["val_records"] + m["test_records"] == 100
 
 
 # --- bad input and params ----------------------------------------------------------------------------
@@ -394,14 +438,16 @@ def test_script_end_to_end(tmp_path):
     assert [r["id"] for r in review] == [records[0]["id"]]
     assert metrics["records_in"] == 240 and metrics["needs_review"] == 1
     assert {k: metrics[f"{k}_records"] for k in splits} == {k: len(v) for k, v in splits.items()}
-    assert metrics["val_share"] >= 0.15 and metrics["gate_passed"] == 1
+    assert 0.1 < metrics["val_share"] < 0.2 and metrics["gate_passed"] == 1
+    assert metrics["test_fingerprint_count"] == len(splits["test"]) and metrics["split_given"] == 0
     assert {
         "kappa_intent_ann_a_ann_b",
         "kappa_entities_ann_b_ann_c",
         "fleiss_compliance",
         "min_kappa",
     } <= set(metrics)
-    assert all(isinstance(v, int | float) for v in metrics.values())
+    # DVC metrics are numbers, or a string for the fingerprint
+    assert all(isinstance(v, int | float) for k, v in metrics.items() if k != "test_fingerprint")
     assert splits["train"][0]["entities"][0]["text"] in splits["train"][0]["text"]
     for png in ("kappa_heatmap.png", "label_distribution.png"):
         assert (tmp_path / "reports" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -4,20 +4,18 @@ Interim records (records.py) carry one label set per annotator. This stage
 1. measures agreement on every label layer (label_qa_agreement) and stops when a pair is below the gate;
 2. adjudicates each record by majority vote; records without a strict majority on a classification layer
    go to needs_review (with every annotator's labels) instead of the splits;
-3. splits the adjudicated records into train/val/test, stratified on one label field, with identical texts
-   kept in one split, and writes the reports (label_qa_plots). A dataset's own split (records.py `split`)
-   is kept as given, val carved from its train (label_qa_split).
+3. splits the adjudicated records into train/val/test by a seeded hash of each record (label_qa_split:
+   stable when other records come or go, identical texts together, stratification approximate and
+   reported), or keeps the dataset's own split (records.py `split`), val carved from its train; and
+   writes the reports (label_qa_plots), with a fingerprint of the test split.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from sklearn.model_selection import train_test_split
 
 from .config import StageParams
 from .config.base import ParamsError
@@ -31,7 +29,7 @@ from .label_qa_agreement import (
     measure_agreement,
 )
 from .label_qa_plots import write_reports
-from .label_qa_split import label_deviation, split_given
+from .label_qa_split import label_deviation, split_fingerprint, split_given, split_records
 from .records import SPLITS, entity
 
 __all__ = ["AgreementGateError", "QaResult", "label_qa", "load_interim", "run_label_qa", "split_records"]
@@ -228,100 +226,6 @@ def adjudicate(
     return None, review
 
 
-# --- split -------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _SplitState:
-    labels: list[str] | None
-    seed: int
-    stratified: bool = True
-    to_train: list[int] = field(default_factory=list)
-
-
-def _set_aside_rare(state: _SplitState, indices: list[int], min_count: int, needed: int) -> list[int]:
-    """Move groups of classes with < min_count groups to train (sklearn cannot stratify them)."""
-    counts = Counter(state.labels[i] for i in indices)
-    rare = {c for c, n in counts.items() if n < min_count}
-    keep = [i for i in indices if state.labels[i] not in rare]
-    if not rare:
-        return indices
-    if len(keep) <= needed:
-        return indices  # too little data per class for any stratification; _take falls back to random
-    log.warning(
-        "classes with fewer than %d distinct texts go to train only (too small to stratify): %s",
-        min_count,
-        ", ".join(f"{c} ({counts[c]})" for c in sorted(rare)),
-    )
-    state.to_train += [i for i in indices if state.labels[i] in rare]
-    return keep
-
-
-def _take(state: _SplitState, indices: list[int], size: int) -> tuple[list[int], list[int]]:
-    """Split off `size` of `indices`, stratified when sklearn can; returns (rest, taken)."""
-    if size == 0:
-        return indices, []
-    strata = [state.labels[i] for i in indices] if state.labels is not None else None
-    try:
-        rest, taken = train_test_split(indices, test_size=size, random_state=state.seed, stratify=strata)
-    except ValueError as e:
-        if strata is None:
-            raise
-        log.warning("cannot stratify (%s); falling back to a random split", e)
-        state.stratified = False
-        rest, taken = train_test_split(indices, test_size=size, random_state=state.seed)
-    return list(rest), list(taken)
-
-
-def _fill_train_classes(state: _SplitState, parts: dict[str, list[int]], min_val: int) -> None:
-    """After a random fallback, move one text of each class missing from train out of test (or val)."""
-    in_train = {state.labels[i] for i in parts["train"]}
-    for name, floor in (("test", 1), ("val", min_val)):
-        for i in sorted(parts[name]):
-            label = state.labels[i]
-            if label not in in_train and len(parts[name]) > floor:
-                parts[name].remove(i)
-                parts["train"].append(i)
-                in_train.add(label)
-    missing = {state.labels[i] for name in ("val", "test") for i in parts[name]} - in_train
-    if missing:
-        log.warning("too little data: classes %s have no training example", ", ".join(sorted(missing)))
-
-
-def split_records(
-    records: list[dict], stratify_by: str | None, val_fraction: float, test_fraction: float, seed: int
-) -> tuple[dict[str, list[dict]], bool]:
-    """Train/val/test split of distinct texts (identical texts stay together), stratified on `stratify_by`.
-
-    Shares are of distinct texts, rounded up for val and test so val never falls below `val_fraction`.
-    Returns the splits (records in input order) and whether stratification held throughout.
-    """
-    groups: dict[str, list[dict]] = {}
-    for record in records:
-        groups.setdefault(record["text"], []).append(record)
-    group_list = list(groups.values())
-    n = len(group_list)
-    n_test, n_val = math.ceil(test_fraction * n), math.ceil(val_fraction * n)
-    if n - n_test - n_val < 1:
-        raise DataError(
-            f"only {n} distinct adjudicated texts: too few for {n_val} val + {n_test} test + 1 train"
-        )
-    labels = [g[0][stratify_by] for g in group_list] if stratify_by else None
-    state = _SplitState(labels=labels, seed=seed)
-    indices = list(range(n))
-    if labels is not None:
-        indices = _set_aside_rare(state, indices, MIN_STRATIFY_GROUPS, n_val + n_test)
-    rest, test = _take(state, indices, n_test)
-    if labels is not None:
-        rest = _set_aside_rare(state, rest, 2, n_val)
-    train, val = _take(state, rest, n_val)
-    parts = {"train": train + state.to_train, "val": val, "test": test}
-    if labels is not None and not state.stratified:
-        _fill_train_classes(state, parts, n_val)
-    splits = {name: [r for i in sorted(parts[name]) for r in group_list[i]] for name in SPLITS}
-    return splits, labels is None or state.stratified
-
-
 # --- the stage ---------------------------------------------------------------------------------------
 
 
@@ -348,19 +252,17 @@ def label_qa(records: list[dict], params: StageParams, source: str = "input") ->
     log.info("adjudicated %d records; %d need review (no strict majority)", len(adjudicated), len(review))
 
     given = [r.get("split") for r in originals]
-    split_metrics: dict[str, float] = {"split_given": int(any(g is not None for g in given))}
+    split_metrics: dict[str, float | str] = {"split_given": int(any(g is not None for g in given))}
     if split_metrics["split_given"]:
-        splits, carved = split_given(adjudicated, given, cfg.val_fraction, params.seed)
+        splits, carved = split_given(adjudicated, given, cfg.val_fraction, params.seed, cfg.split_key)
         split_metrics["val_carved_from_train"] = int(carved)
         log.info("kept the dataset's own split%s", "; val carved from train" if carved else "")
     else:
-        splits, stratified = split_records(
-            adjudicated, cfg.stratify_by, cfg.val_fraction, cfg.test_fraction, params.seed
-        )
-        split_metrics["stratified"] = int(stratified)
+        splits = split_records(adjudicated, cfg.val_fraction, cfg.test_fraction, params.seed, cfg.split_key)
     if cfg.stratify_by is not None:
         split_metrics.update(label_deviation(splits, cfg.stratify_by))
-    metrics: dict[str, float] = {
+    split_metrics.update(split_fingerprint(splits["test"]))
+    metrics: dict[str, float | str] = {
         "records_in": len(records),
         "adjudicated": len(adjudicated),
         "needs_review": len(review),

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import unicodedata
 from collections import Counter
+from collections.abc import Iterable
 
 from .io import DataError
 from .records import SPLITS
@@ -48,6 +49,30 @@ def _ensure_one(records: list[dict], splits: dict[str, list[dict]], name: str, s
     splits[name].append(pick)
     position = {r["id"]: i for i, r in enumerate(records)}
     splits[name].sort(key=lambda r: position[r["id"]])
+
+
+def split_records(
+    records: list[dict], val_fraction: float, test_fraction: float, seed: int, by: str = "text"
+) -> dict[str, list[dict]]:
+    """Train/val/test by a seeded hash u of each record's key: test if u < test_fraction, val if below
+    test_fraction + val_fraction, else train (records in input order).
+
+    Shares are about the fractions asked (binomial noise: +-1 point at 5,000 records); a record never
+    changes split because another one appeared or vanished. Identical (normalised) texts share a key and
+    so a split. On tiny data an empty val or test takes the train record with the smallest hash.
+    """
+    if len(records) < 3:
+        raise DataError(
+            f"only {len(records)} adjudicated records: too few for a train, a val and a test record"
+        )
+    splits: dict[str, list[dict]] = {name: [] for name in SPLITS}
+    for record in records:
+        u = unit_hash(seed, split_key(record, by))
+        name = "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+        splits[name].append(record)
+    for name in ("test", "val"):
+        _ensure_one(records, splits, name, seed, by)
+    return splits
 
 
 def split_given(
@@ -97,3 +122,13 @@ def label_deviation(splits: dict[str, list[dict]], field: str) -> dict[str, floa
         log.warning("classes with no training example: %s", ", ".join(missing))
     out["classes_missing_from_train"] = len(missing)
     return out
+
+
+def split_fingerprint(test: Iterable[dict]) -> dict[str, int | str]:
+    """Count and short hash of the test split's record ids (order-free): equal iff the test sets are equal.
+
+    Two experiments whose metrics carry different fingerprints were scored on different test records.
+    """
+    ids = sorted(str(r["id"]) for r in test)
+    digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:12]
+    return {"test_fingerprint_count": len(ids), "test_fingerprint": digest}

@@ -187,7 +187,16 @@ class LabelQaParams(Section):
     )
     val_fraction: float = Field(default=0.15, ge=0.15, le=0.5, description="validation share (>= 0.15)")
     test_fraction: float = Field(default=0.15, ge=0.05, le=0.5, description="test share")
-    stratify_by: str | None = Field(default="intent", description="label field to stratify on; null = none")
+    stratify_by: str | None = Field(
+        default="intent",
+        description="classification field whose class shares each split should keep (the hash split keeps "
+        "them approximately; stratify_deviation_<split> in metrics says how well); null = none",
+    )
+    split_key: Literal["text", "id"] = Field(
+        default="text",
+        description="what a record's split is hashed from: its normalised text (identical texts stay "
+        "together; stable when ids are row numbers) or its id",
+    )
 
     @model_validator(mode="after")
     def _check_split(self):
