@@ -12,8 +12,8 @@ import os
 import sys
 
 from deepseek_sft.config import ParamsError, load_section
-from deepseek_sft.serve.app import run_server
 from deepseek_sft.serve.auth import token_from_env
+from deepseek_sft.serve.server import run_server
 
 
 def main(argv: list[str] | None = None) -> int:

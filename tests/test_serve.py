@@ -169,7 +169,8 @@ def test_generate_and_openai_chat(client):
     usage = chat["usage"]
     assert usage["completion_tokens"] <= 4
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
-    assert client.get("/v1/models").json()["data"][0]["id"] == str(client.app.state.service.engine.model_dir)
+    assert client.get("/v1/models").json()["data"][0]["id"] == "model"  # the directory's name, not its path
+    assert chat["model"] == "model"
 
 
 def test_concurrent_requests_are_batched_and_answered_correctly(engine, tasks):
@@ -194,50 +195,92 @@ def test_concurrent_requests_are_batched_and_answered_correctly(engine, tasks):
 
 # ----- bad input ----------------------------------------------------------------------------------------
 
+RAW = {"content-type": "application/json"}
+CHAT_HI = [{"role": "user", "content": "hi"}]
+
+# (id, path, request, status, code, message): every refusal is OpenAI's error shape with a code to branch on
 BAD_INPUTS = [
-    ("empty text", "/v1/tasks/intent", {"json": {"text": ""}}, 422, "text is empty"),
-    ("blank text", "/v1/tasks/intent", {"json": {"text": "  \n "}}, 422, "text is empty"),
-    ("oversized text", "/v1/tasks/intent", {"json": {"text": "银" * 2001}}, 413, "limit is 2000"),
-    ("oversized body", "/v1/tasks/intent", {"json": {"text": "a" * 70000}}, 413, "serve.max_body_bytes"),
-    ("invalid JSON", "/v1/tasks/intent", {"content": b'{"text": ', "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
-    ("not an object", "/v1/tasks/intent", {"json": ["text"]}, 422, "must be a JSON object"),
-    ("not JSON at all", "/v1/tasks/intent", {"content": b"text=hi", "headers": {"content-type": "text/plain"}}, 422, "must be a JSON object"),
-    ("missing field", "/v1/tasks/intent", {"json": {"txt": "hi"}}, 422, "text: Field required"),
-    ("wrong type", "/v1/tasks/intent", {"json": {"text": 5}}, 422, "text: Input should be a valid string"),
-    ("unknown task", "/v1/tasks/sentiment", {"json": {"text": "hi"}}, 404, "unknown task 'sentiment'; known tasks: intent"),
-    ("too many new tokens", "/v1/generate", {"json": {"prompt": "hi", "max_new_tokens": 100000}}, 422, "exceeds the limit of 256"),
-    ("zero new tokens", "/v1/generate", {"json": {"prompt": "hi", "max_new_tokens": 0}}, 422, "max_new_tokens"),
-    ("chat too many tokens", "/v1/chat/completions", {"json": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 9999}}, 422, "exceeds the limit"),
-    ("chat no messages", "/v1/chat/completions", {"json": {"messages": []}}, 422, "messages"),
-    ("chat bad role", "/v1/chat/completions", {"json": {"messages": [{"role": "robot", "content": "x"}]}}, 422, "role"),
-    ("chat streaming", "/v1/chat/completions", {"json": {"messages": [{"role": "user", "content": "hi"}], "stream": True}}, 400, "stream=true is not supported"),
-    ("prompt beyond context", "/v1/generate", {"json": {"prompt": "转账失败" * 400, "max_new_tokens": 8}}, 422, "context window of 256 tokens"),
-    ("unknown route", "/v1/nothing", {"json": {}}, 404, "no endpoint POST /v1/nothing"),
+    ("empty text", "/v1/tasks/intent", {"json": {"text": ""}}, 422, "empty_input", "text is empty"),
+    ("blank text", "/v1/tasks/intent", {"json": {"text": "  \n "}}, 422, "empty_input", "text is empty"),
+    ("oversized text", "/v1/tasks/intent", {"json": {"text": "银" * 2001}}, 413, "input_too_long", "limit is 2000"),
+    ("oversized body", "/v1/tasks/intent", {"json": {"text": "a" * 70000}}, 413, "body_too_large", "serve.max_body_bytes"),
+    ("invalid JSON", "/v1/tasks/intent", {"content": b'{"text": ', "headers": RAW}, 400, "invalid_json", "not valid JSON"),
+    ("not an object", "/v1/tasks/intent", {"json": ["text"]}, 422, "invalid_body", "must be a JSON object"),
+    ("not JSON at all", "/v1/tasks/intent", {"content": b"text=hi", "headers": {"content-type": "text/plain"}}, 422, "invalid_body", "must be a JSON object"),
+    ("missing field", "/v1/tasks/intent", {"json": {"txt": "hi"}}, 422, "invalid_request", "text: Field required"),
+    ("wrong type", "/v1/tasks/intent", {"json": {"text": 5}}, 422, "invalid_request", "text: Input should be a valid string"),
+    ("unknown task", "/v1/tasks/sentiment", {"json": {"text": "hi"}}, 404, "unknown_task", "unknown task 'sentiment'; known tasks: intent"),
+    ("too many new tokens", "/v1/generate", {"json": {"prompt": "hi", "max_new_tokens": 100000}}, 422, "max_tokens_exceeded", "exceeds the limit of 256"),
+    ("zero new tokens", "/v1/generate", {"json": {"prompt": "hi", "max_new_tokens": 0}}, 422, "invalid_request", "max_new_tokens"),
+    ("chat too many tokens", "/v1/chat/completions", {"json": {"messages": CHAT_HI, "max_tokens": 9999}}, 422, "max_tokens_exceeded", "max_tokens=9999 exceeds the limit"),
+    ("chat no messages", "/v1/chat/completions", {"json": {"messages": []}}, 422, "invalid_request", "messages"),
+    ("chat bad role", "/v1/chat/completions", {"json": {"messages": [{"role": "robot", "content": "x"}]}}, 422, "invalid_request", "role"),
+    ("chat n=2", "/v1/chat/completions", {"json": {"messages": CHAT_HI, "n": 2}}, 400, "unsupported", "n=2 is not supported"),
+    ("chat stop", "/v1/chat/completions", {"json": {"messages": CHAT_HI, "stop": ["。"]}}, 400, "unsupported", "stop sequences are not supported"),
+    ("prompt beyond context", "/v1/generate", {"json": {"prompt": "转账失败" * 400, "max_new_tokens": 8}}, 422, "context_length_exceeded", "context window of 256 tokens"),
+    ("unknown route", "/v1/nothing", {"json": {}}, 404, "not_found", "no endpoint POST /v1/nothing"),
+    # issue 15.2: a lone surrogate reached the tokenizer (TypeError: 500 or a reset connection)
+    ("lone surrogate text", "/v1/tasks/entities", {"content": b'{"text": "\\ud800"}', "headers": RAW}, 422, "invalid_request", "text: Value error, holds a lone surrogate (U+D800 at character 0)"),
+    ("lone surrogate prompt", "/v1/generate", {"content": b'{"prompt": "ab\\udfff"}', "headers": RAW}, 422, "invalid_request", "prompt: Value error, holds a lone surrogate (U+DFFF at character 2)"),
+    ("lone surrogate chat", "/v1/chat/completions", {"content": b'{"messages": [{"role": "user", "content": "\\ud83d"}]}', "headers": RAW}, 422, "invalid_request", "lone surrogate"),
+    ("lone surrogate in path", "/v1/tasks/%ED%A0%80", {"json": {"text": "hi"}}, 404, "unknown_task", "unknown task"),
+    # issue 15.3: strict types, no coercion
+    ("tokens as string", "/v1/generate", {"json": {"prompt": "hi", "max_new_tokens": "5"}}, 422, "invalid_request", "max_new_tokens: Input should be a valid integer"),
+    ("tokens as bool", "/v1/generate", {"json": {"prompt": "hi", "max_new_tokens": True}}, 422, "invalid_request", "max_new_tokens: Input should be a valid integer"),
+    ("tokens as float", "/v1/generate", {"json": {"prompt": "hi", "max_new_tokens": 5.0}}, 422, "invalid_request", "max_new_tokens: Input should be a valid integer"),
+    ("chat stream as int", "/v1/chat/completions", {"json": {"messages": CHAT_HI, "stream": 1}}, 422, "invalid_request", "stream: Input should be a valid boolean"),
+    ("chat max_tokens as string", "/v1/chat/completions", {"json": {"messages": CHAT_HI, "max_tokens": "4"}}, 422, "invalid_request", "max_tokens: Input should be a valid integer"),
+    ("completion prompt as number", "/v1/completions", {"json": {"prompt": 5}}, 422, "invalid_request", "prompt: Input should be a valid string"),
+    ("unknown field", "/v1/generate", {"json": {"prompt": "hi", "max_tokens": 5}}, 422, "invalid_request", "max_tokens: Extra inputs are not permitted"),
+    # issue 15.1: the task's own markup in its input text
+    ("tag tokens in text", "/v1/tasks/entities", {"json": {"text": "给⟨PER⟩张⟨+⟩三"}}, 422, "reserved_characters", "text holds '⟨' (U+27E8) at character 1"),
+    ("tag character alone", "/v1/tasks/entities", {"json": {"text": "转账⟩"}}, 422, "reserved_characters", "markup characters ⟨ ⟩"),
 ]  # fmt: skip
 
 
+def error_of(response) -> dict:
+    """The error object of a response, checked to be OpenAI's shape."""
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["code"], str) and error["code"]
+    expected_type = "server_error" if response.status_code >= 500 else "invalid_request_error"
+    special = {401: "authentication_error", 404: "not_found_error", 503: "service_unavailable_error"}
+    assert error["type"] == special.get(response.status_code, expected_type), error
+    return error
+
+
 @pytest.mark.parametrize(
-    ("path", "kwargs", "status", "message"), [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS]
+    ("path", "kwargs", "status", "code", "message"),
+    [b[1:] for b in BAD_INPUTS],
+    ids=[b[0] for b in BAD_INPUTS],
 )
-def test_bad_input_gets_a_clear_4xx_and_the_service_keeps_answering(client, path, kwargs, status, message):
+def test_bad_input_gets_a_clear_4xx_and_the_service_keeps_answering(
+    client, path, kwargs, status, code, message
+):
     r = client.post(path, **kwargs)
     assert r.status_code == status, r.text
-    assert message in r.json()["error"]
+    error = error_of(r)
+    assert error["code"] == code and message in error["message"], error
     ok = client.post("/v1/tasks/intent", json={"text": TEXTS[0]})
     assert ok.status_code == 200
-    assert metric_value(client.get("/metrics").text, "dsft_requests_total", status=str(status)) >= 1
+    metrics = client.get("/metrics").text
+    assert metric_value(metrics, "dsft_requests_total", status=str(status)) >= 1
+    assert not [line for line in metrics.splitlines() if re.match(r'dsft_requests_total\{.*status="5', line)]
 
 
 def test_oversized_chunked_body_is_413_while_streaming(client):
     chunks = iter([b'{"text": "', b"a" * 70000, b'"}'])  # no Content-Length: counted as it arrives
     r = client.post("/v1/tasks/intent", content=chunks, headers={"content-type": "application/json"})
-    assert r.status_code == 413 and "more than 65536 bytes" in r.json()["error"]
+    assert r.status_code == 413 and "more than 65536 bytes" in error_of(r)["message"]
     assert client.post("/v1/tasks/intent", json={"text": TEXTS[0]}).status_code == 200
 
 
 def test_wrong_method_is_405_with_the_allowed_one(client):
     r = client.get("/v1/tasks/intent")
-    assert r.status_code == 405 and "allowed: POST" in r.json()["error"]
+    assert r.status_code == 405 and "allowed: POST" in error_of(r)["message"]
 
 
 def test_unloadable_model_dir_is_not_ready_but_alive(tmp_path, tasks):
@@ -249,9 +292,9 @@ def test_unloadable_model_dir_is_not_ready_but_alive(tmp_path, tasks):
             if "no config.json" in r.text:
                 break
             time.sleep(0.05)
-        assert r.status_code == 503 and "no config.json" in r.json()["error"]
+        assert r.status_code == 503 and "no config.json" in error_of(r)["message"]
         r = c.post("/v1/tasks/intent", json={"text": "hi"})
-        assert r.status_code == 503 and "model not ready" in r.json()["error"]
+        assert r.status_code == 503 and "model not ready" in error_of(r)["message"]
         assert metric_value(c.get("/metrics").text, "dsft_model_ready") == 0.0
 
 
@@ -263,10 +306,10 @@ def _hold_generation(engine, monkeypatch) -> tuple[threading.Event, threading.Ev
     entered, release = threading.Event(), threading.Event()
     original = engine._generate_group
 
-    def held(group, budget):
+    def held(group, budget, *args):
         entered.set()
         release.wait(10)
-        original(group, budget)
+        original(group, budget, *args)
 
     monkeypatch.setattr(engine, "_generate_group", held)
     return entered, release
@@ -290,7 +333,7 @@ def test_saturated_service_answers_503_then_recovers(engine, tasks, monkeypatch,
         release.set()
         holder.join(10)
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
-        assert "serve.max_concurrency" in r.json()["error"]
+        assert "serve.max_concurrency" in error_of(r)["message"]
         assert waited >= queue_timeout_s
         assert first["r"].status_code == 200
         assert c.post("/v1/tasks/intent", json={"text": TEXTS[1]}).status_code == 200
@@ -310,7 +353,7 @@ def test_bearer_auth_guards_the_api_but_not_probes_or_metrics(engine, tasks, cap
             ({"Authorization": "Bearer nope"}, "invalid bearer token"),
         ]:
             r = c.post("/v1/tasks/intent", json={"text": TEXTS[0]}, headers=headers)
-            assert r.status_code == 401 and why in r.json()["error"]
+            assert r.status_code == 401 and why in error_of(r)["message"]
             assert r.headers["www-authenticate"] == "Bearer"
         assert c.get("/docs").status_code == 401
         for path in ("/healthz", "/readyz", "/metrics"):
@@ -356,7 +399,8 @@ def test_metrics_count_requests_tokens_and_describe_the_model(engine, tasks, mon
     assert metric_value(text, "dsft_model_ready") == 1
     info = next(line for line in text.splitlines() if line.startswith("dsft_model_info{"))
     labels = dict(re.findall(r'(\w+)="([^"]*)"', info))
-    assert labels["model_dir"] == str(engine.model_dir) and labels["model_type"] == "deepseek_v3"
+    assert labels["model_name"] == "model" and labels["model_type"] == "deepseek_v3"
+    assert str(engine.model_dir.parent) not in text  # issue 15.5: the host's paths stay private
     assert labels["dvc_exp"] == "exp-test"
     assert re.fullmatch(r"[0-9a-f]{40}|unknown", labels["git_commit"])
 

@@ -34,6 +34,10 @@ class ServeParams(Section):
     model_dir: str = Field(
         default="models/sft", description="model directory served (models/sft, models/compressed/x)"
     )
+    model_name: str | None = Field(
+        default=None,
+        description="name published in /v1/models, responses, /readyz and /metrics; null = the directory's name",
+    )
     host: str = Field(
         default="127.0.0.1", description="interface to bind; loopback unless you mean to expose it"
     )
@@ -78,6 +82,21 @@ class ServeParams(Section):
     )
     queue_timeout_s: float = Field(
         default=0.0, ge=0.0, le=600.0, description="wait for an admission slot before 503; 0 = refuse at once"
+    )
+    request_timeout_s: float = Field(
+        default=300.0, gt=0.0, le=86_400.0, description="a request's wait for its answer before 504"
+    )
+    stuck_after_s: float = Field(
+        default=120.0,
+        gt=0.0,
+        le=86_400.0,
+        description="a request in the engine this long counts as stuck: /readyz 503, dsft_engine_stuck_requests",
+    )
+    shutdown_timeout_s: float = Field(
+        default=5.0,
+        ge=0.0,
+        le=600.0,
+        description="on SIGTERM, wait this long for open requests, then fail them",
     )
     token_env: str = Field(
         default="DSFT_SERVE_TOKEN", description="env var holding the bearer token; unset/empty = no auth"

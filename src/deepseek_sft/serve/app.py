@@ -1,64 +1,47 @@
-"""The FastAPI app: one JSON endpoint per task, raw generation, OpenAI-style chat, probes and /metrics.
+"""The FastAPI app: one JSON endpoint per task, raw generation, the OpenAI API, probes and /metrics.
 
-Every error is JSON `{"error": "..."}` with a 4xx/5xx status; nothing a client sends can stop the service.
+Every error is OpenAI's JSON shape `{"error": {"message", "type", "param", "code"}}` (errors.py) with a 4xx
+status when the request is to blame and 5xx only when the service is; nothing a client sends can stop the
+service or hold a slot forever:
+- bad input is refused before generation: empty (422) or oversized (413) text, invalid Unicode (a lone
+  surrogate, 422), wrong types (422), and, for an extraction task that echoes its text, the characters of its
+  own answer markup (422, code `reserved_characters`: `⟨⟩` for tagged answers, `⟦⟧` for inline ones). The
+  service refuses such a text rather than escaping it: an answer's tags could no longer be told from the
+  text's, and the span offsets the client gets back would not index its own text;
+- every admitted request resolves: a generation failure is a 500 with code `generation_failed`, a request
+  that waits longer than serve.request_timeout_s a 504, and its admission slot is given back either way;
+- /readyz is 503 when the model is not loaded or the engine is stuck (a request older than
+  serve.stuck_after_s, or the generation worker dead), so a load balancer stops sending it traffic;
+- on SIGTERM the service stops accepting connections, waits serve.shutdown_timeout_s for open requests and
+  answers the rest 503, so shutdown takes bounded time.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
-import uuid
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI
+from fastapi.responses import Response
 
 from ..config.data import TaskSpec
 from ..config.serve import ServeParams
-from ..tasks import answer_budget, parse_response
+from ..tasks import MARK_CLOSE, MARK_OPEN, TAG_CLOSE, TAG_OPEN, answer_budget, echoes_text, parse_response
 from .auth import BearerAuthMiddleware
-from .engine import Engine, Generation, NotReady, PromptTooLong
+from .engine import Engine, EngineStopped, Generation, GenerationFailed, NotReady, PromptTooLong
+from .errors import ApiError, engine_error, error_json, install_error_handlers
 from .limits import Admission, BodyLimitMiddleware, Saturated
-from .metrics import MetricsMiddleware, ServeMetrics, model_info_labels
-from .schemas import ChatRequest, GenerateRequest, TaskRequest
-
-log = logging.getLogger(__name__)
-
-
-class ApiError(Exception):
-    """A request the service refuses, with the status code and the message the client sees."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
+from .metrics import MetricsMiddleware, ServeMetrics, git_commit, model_info_labels, model_name
+from .openai_api import add_openai_routes
+from .schemas import GenerateRequest, TaskRequest
 
 
-def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    """The one error shape of the service."""
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-def validation_message(exc: RequestValidationError) -> tuple[int, str]:
-    """(status, message) of a FastAPI validation error: 400 for unparsable JSON, 422 for a wrong shape."""
-    errors = exc.errors()
-    for err in errors:
-        if err.get("type") == "json_invalid":
-            detail = err.get("ctx", {}).get("error", "")
-            return 400, f"request body is not valid JSON{': ' + detail if detail else ''}"
-    parts = []
-    for err in errors:
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        if not loc:  # the body itself is wrong: not an object, or not sent as JSON
-            return (
-                422,
-                'request body must be a JSON object (Content-Type: application/json), e.g. {"text": "..."}',
-            )
-        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
-    return 422, "invalid request: " + "; ".join(parts)
+def reserved_characters(task: TaskSpec) -> str:
+    """Characters a text sent to `task` may not hold: those of its answer markup, if it echoes its text."""
+    if not echoes_text(task):
+        return ""
+    return MARK_OPEN + MARK_CLOSE if task.answer_format == "inline" else TAG_OPEN + TAG_CLOSE
 
 
 class Service:
@@ -71,47 +54,99 @@ class Service:
         self.tasks = tasks
         self.engine = engine
         self.metrics = metrics
+        self.model_name = model_name(engine.model_dir, params.model_name)
+        self.git_commit = git_commit()
         self.admission: Admission | None = None  # created in the serving loop (lifespan)
         self._info_set = False
 
+    # ----- input checks --------------------------------------------------------------------------------
     def check_text(self, text: str, what: str) -> None:
         """Refuse empty and oversized input (422 / 413)."""
         if not text.strip():
-            raise ApiError(422, f"{what} is empty; send non-blank text")
+            raise ApiError(422, f"{what} is empty; send non-blank text", "empty_input")
         if len(text) > self.params.max_text_chars:
             raise ApiError(
                 413,
                 f"{what} is {len(text)} characters; the limit is {self.params.max_text_chars} (serve.max_text_chars)",
+                "input_too_long",
             )
 
-    def budget(self, requested: int | None) -> int:
+    def check_task_text(self, name: str, text: str) -> None:
+        """Refuse a text holding the task's reserved markup characters (module doc)."""
+        reserved = reserved_characters(self.tasks[name])
+        at = next((i for i, char in enumerate(text) if char in reserved), None)
+        if at is not None:
+            raise ApiError(
+                422,
+                f"text holds {text[at]!r} (U+{ord(text[at]):04X}) at character {at}: task {name!r} writes its "
+                f"answer with the markup characters {' '.join(reserved)}, so its input text cannot contain "
+                "them; replace them (e.g. with 〈 〉 or 【 】)",
+                "reserved_characters",
+                "text",
+            )
+
+    def budget(self, requested: int | None, param: str = "max_new_tokens") -> int:
         """New-token budget of a free-form request, refusing more than serve.max_new_tokens_limit (422)."""
         if requested is None:
             return self.params.default_new_tokens
         if requested > self.params.max_new_tokens_limit:
             raise ApiError(
                 422,
-                f"max_new_tokens={requested} exceeds the limit of {self.params.max_new_tokens_limit} "
+                f"{param}={requested} exceeds the limit of {self.params.max_new_tokens_limit} "
                 "(serve.max_new_tokens_limit)",
+                "max_tokens_exceeded",
+                param,
             )
         return requested
 
-    async def generate(self, endpoint: str, encode, budget: int, constraint=None) -> Generation:
-        """Encode, check the context window, wait for an admission slot and generate (under `constraint`,
-        if any); record token metrics."""
+    def encode(self, encode, budget: int) -> list[int]:
+        """Prompt ids from `encode()`, refused (422) when prompt + budget exceed the context window."""
         try:
             ids = encode()
             self.engine.check_length(ids, budget)
         except PromptTooLong as e:
-            raise ApiError(422, str(e)) from None
+            raise ApiError(422, str(e), "context_length_exceeded") from None
+        return ids
+
+    # ----- admission and generation --------------------------------------------------------------------
+    async def admit(self) -> None:
+        """Take an admission slot (503 when none frees in time); the caller must `release()` it."""
         if self.admission is None:
             raise NotReady("the service is starting")
         try:
-            async with self.admission.slot():
-                generation = await asyncio.wrap_future(self.engine.submit(ids, budget, constraint))
+            await self.admission.acquire()
         except Saturated as e:
             self.metrics.rejected.labels("saturated").inc()
-            raise ApiError(503, str(e)) from None
+            raise ApiError(503, str(e), "saturated") from None
+
+    def release(self) -> None:
+        """Give back the slot taken by `admit`."""
+        self.admission.release()
+
+    def submit(self, ids: list[int], budget: int, constraint=None, on_text=None) -> Future:
+        """Queue a prompt on the engine (503 while it shuts down)."""
+        try:
+            return self.engine.submit(ids, budget, constraint, on_text)
+        except EngineStopped as e:
+            raise ApiError(503, str(e), "shutting_down") from None
+
+    async def answer(self, future: Future) -> Generation:
+        """Await an engine Future for at most serve.request_timeout_s; its errors become ApiErrors."""
+        timeout = self.params.request_timeout_s
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        except (GenerationFailed, EngineStopped, TimeoutError) as e:
+            raise engine_error(e, timeout) from None
+
+    async def generate(self, endpoint: str, encode, budget: int, constraint=None) -> Generation:
+        """Encode, check the context window, hold an admission slot while generating (under `constraint`,
+        if any); record token metrics."""
+        ids = self.encode(encode, budget)
+        await self.admit()
+        try:
+            generation = await self.answer(self.submit(ids, budget, constraint))
+        finally:
+            self.release()
         self.metrics.observe_generation(
             endpoint, generation.prompt_tokens, len(generation.token_ids), generation.batch_seconds
         )
@@ -121,6 +156,7 @@ class Service:
         """Answer one task request: prompt, greedy answer, parsed result."""
         task = self.tasks[name]
         self.check_text(body.text, "text")
+        self.check_task_text(name, body.text)
         configured = getattr(self.params.max_new_tokens, task.type)
         budget = answer_budget(task, configured, self.engine.count_tokens(body.text))
         constraint = (
@@ -142,11 +178,20 @@ class Service:
         out |= {"tokens": len(gen.token_ids), "finish_reason": gen.finish_reason}
         return out
 
+    # ----- readiness -----------------------------------------------------------------------------------
+    def readiness_problem(self) -> tuple[str, str] | None:
+        """(code, message) of why the service should get no traffic now, or None when it is ready."""
+        if not self.engine.ready:
+            return "model_not_ready", f"model not ready: {self.engine.load_error or 'loading'}"
+        problem = self.engine.stuck_problem(self.params.stuck_after_s)
+        return ("engine_stuck", f"engine stuck: {problem}") if problem else None
+
     def refresh_model_info(self) -> None:
         """Fill the model info metric once the model is loaded (its type is known only then)."""
         self.metrics.model_ready.set(1 if self.engine.ready else 0)
         if self.engine.ready and not self._info_set:
-            self.metrics.model_info.info(model_info_labels(self.engine.model_dir, self.engine.model_type))
+            labels = model_info_labels(self.model_name, self.engine.model_type, self.git_commit)
+            self.metrics.model_info.info(labels)
             self._info_set = True
 
 
@@ -164,6 +209,7 @@ def create_app(
     metrics = metrics or ServeMetrics()
     engine = engine or Engine.from_params(params)
     engine.on_batch = lambda size, seconds: metrics.batch_size.observe(size)
+    metrics.watch_engine(engine, params.stuck_after_s)
     service = Service(params, tasks, engine, metrics)
 
     @asynccontextmanager
@@ -173,12 +219,17 @@ def create_app(
             engine.load_in_background()
         engine.start()
         yield
-        await asyncio.to_thread(engine.stop)
+        # run_server drained open requests already; the worker only has to notice the stop
+        await asyncio.to_thread(engine.stop, max(1.0, params.shutdown_timeout_s))
 
     app = FastAPI(title="deepseek-sft inference service", lifespan=lifespan)
     app.state.service = service
-    _add_error_handlers(app)
+    install_error_handlers(
+        app,
+        {NotReady: lambda exc: ApiError(503, f"model not ready: {exc}", "model_not_ready", retry_after=5)},
+    )
     _add_routes(app, service)
+    add_openai_routes(app, service)
     known_paths = frozenset(r.path for r in app.routes if "{" not in getattr(r, "path", "{"))
     # add_middleware stacks outward: metrics (outermost) sees 401s and 413s too.
     app.add_middleware(BodyLimitMiddleware, max_bytes=params.max_body_bytes)
@@ -186,37 +237,6 @@ def create_app(
         app.add_middleware(BearerAuthMiddleware, token=token)
     app.add_middleware(MetricsMiddleware, metrics=metrics, known_paths=known_paths)
     return app
-
-
-def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError):
-        return error_response(exc.status, exc.message, {"Retry-After": "1"} if exc.status == 503 else None)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError):
-        return error_response(*validation_message(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        detail = exc.detail
-        if exc.status_code == 404 and detail == "Not Found":
-            detail = f"no endpoint {request.method} {request.url.path}; see /docs for the API"
-        elif exc.status_code == 405:
-            allowed = (exc.headers or {}).get("Allow", "")
-            detail = (
-                f"method {request.method} not allowed on {request.url.path}; allowed: {allowed or 'none'}"
-            )
-        return error_response(exc.status_code, str(detail), exc.headers)
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception):
-        # The traceback goes to the log (Starlette re-raises after this), never to the client.
-        return error_response(500, f"internal error ({type(exc).__name__}); see the service log")
-
-    @app.exception_handler(NotReady)
-    async def not_ready(request: Request, exc: NotReady):
-        return error_response(503, f"model not ready: {exc}", {"Retry-After": "5"})
 
 
 def _add_routes(app: FastAPI, service: Service) -> None:
@@ -229,10 +249,11 @@ def _add_routes(app: FastAPI, service: Service) -> None:
 
     @app.get("/readyz")
     async def readyz():
-        """Readiness: the model is loaded."""
-        if not engine.ready:
-            return error_response(503, f"model not ready: {engine.load_error or 'loading'}")
-        return {"status": "ready", "model_dir": str(engine.model_dir)}
+        """Readiness: the model is loaded and the engine answers in time (not stuck, worker alive)."""
+        problem = service.readiness_problem()
+        if problem is not None:
+            return error_json(503, problem[1], problem[0], headers={"Retry-After": "5"})
+        return {"status": "ready", "model": service.model_name, "git_commit": service.git_commit}
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics_endpoint():
@@ -250,7 +271,8 @@ def _add_routes(app: FastAPI, service: Service) -> None:
 
     @app.post("/v1/tasks/{name}")
     async def unknown_task(name: str):
-        raise ApiError(404, f"unknown task {name!r}; known tasks: {', '.join(service.tasks) or '(none)'}")
+        known = ", ".join(service.tasks) or "(none)"
+        raise ApiError(404, f"unknown task {name!r}; known tasks: {known}", "unknown_task")
 
     @app.post("/v1/generate")
     async def generate(body: GenerateRequest):
@@ -263,27 +285,6 @@ def _add_routes(app: FastAPI, service: Service) -> None:
             "tokens": len(gen.token_ids),
             "prompt_tokens": gen.prompt_tokens,
             "finish_reason": gen.finish_reason,
-        }
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest):
-        """OpenAI-compatible chat completion (non-streaming, greedy)."""
-        if body.stream:
-            raise ApiError(400, "stream=true is not supported; send stream=false")
-        if body.n != 1:
-            raise ApiError(400, f"n={body.n} is not supported; greedy decoding gives one choice (n=1)")
-        service.check_text("".join(m.content for m in body.messages), "messages content")
-        budget = service.budget(body.max_completion_tokens or body.max_tokens)
-        messages = [m.model_dump() for m in body.messages]
-        gen = await service.generate("/v1/chat/completions", lambda: engine.encode_chat(messages), budget)
-        return chat_completion_body(gen, str(engine.model_dir))
-
-    @app.get("/v1/models")
-    async def models():
-        """OpenAI-compatible model list (the one model served)."""
-        return {
-            "object": "list",
-            "data": [{"id": str(engine.model_dir), "object": "model", "owned_by": "deepseek-sft"}],
         }
 
 
@@ -300,65 +301,3 @@ def _add_task_route(app: FastAPI, service: Service, name: str) -> None:
         name=f"task_{name}",
         summary=f"{task.type}: {task.instruction}",
     )
-
-
-def chat_completion_body(gen: Generation, model_name: str) -> dict:
-    """The OpenAI chat.completion response object for one generation."""
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model_name,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": gen.text},
-                "finish_reason": gen.finish_reason,
-            }
-        ],
-        "usage": {
-            "prompt_tokens": gen.prompt_tokens,
-            "completion_tokens": len(gen.token_ids),
-            "total_tokens": gen.prompt_tokens + len(gen.token_ids),
-        },
-    }
-
-
-def run_server(
-    params: ServeParams,
-    tasks: dict[str, TaskSpec],
-    model_dir: str | None = None,
-    host: str | None = None,
-    port: int | None = None,
-    token: str | None = None,
-) -> None:
-    """Load the model (failing fast on a bad directory), then serve with uvicorn until interrupted."""
-    import uvicorn
-
-    host, port = host or params.host, port or params.port
-    engine = Engine.from_params(params, model_dir)
-    engine.load()
-    if not token and not _is_loopback(host):
-        log.warning(
-            "serving on %s without authentication; set $%s to require a bearer token", host, params.token_env
-        )
-    log.info("auth %s; serving %s on http://%s:%d", "on" if token else "off", engine.model_dir, host, port)
-    app = create_app(params, tasks, engine, token=token)
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level=params.log_level,
-        access_log=params.log_level in ("info", "debug"),
-    )
-
-
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

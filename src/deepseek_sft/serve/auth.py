@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 import os
 
-from starlette.responses import JSONResponse
+from .errors import error_json
 
 # Probes and the Prometheus scraper must work without the token.
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -44,9 +44,10 @@ class BearerAuthMiddleware:
         given = bearer_token(scope.get("headers", []))
         if given is None or not hmac.compare_digest(given.encode("utf-8"), self._token):
             message = "missing bearer token" if given is None else "invalid bearer token"
-            response = JSONResponse(
-                {"error": f"{message}: send 'Authorization: Bearer <token>'"},
-                status_code=401,
+            response = error_json(
+                401,
+                f"{message}: send 'Authorization: Bearer <token>'",
+                "invalid_api_key",
                 headers={"WWW-Authenticate": "Bearer"},
             )
             await response(scope, receive, send)

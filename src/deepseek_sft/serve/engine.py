@@ -4,6 +4,12 @@ Only the worker thread touches the model, so generation is thread-safe without l
 from any thread are queued and the worker gathers up to `max_batch_size` of them (waiting at most
 `batch_wait_ms` for company) into one batched `generate` call. The tokenizer is shared by the request
 threads and the worker, so its calls go through one lock (fast tokenizers refuse concurrent mutation).
+
+Every submitted request's Future resolves, whatever happens: a failure inside generation becomes a
+`GenerationFailed` (an exception asyncio accepts: a raw StopIteration from a logits processor could not be
+set on the awaiting asyncio Future, so the request waited forever and kept its admission slot), and a
+shutdown fails what is still open with `EngineStopped`. `InFlight` keeps the open requests, so a stuck engine
+(a request older than serve.stuck_after_s, or a dead worker) shows in /readyz and /metrics.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import queue
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +35,8 @@ from ..evaluate.core import resolve_device
 from ..evaluate.generate import decode_answers, eos_token_ids, generate_batched
 from ..sft_data import encode_prompt
 from ..tokenizer_build import ensure_chat_ready
+from .inflight import InFlight, claim, resolve
+from .streaming import generate_streamed
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +49,14 @@ class NotReady(RuntimeError):
 
 class PromptTooLong(ValueError):
     """Prompt plus requested new tokens exceed the model's context window."""
+
+
+class GenerationFailed(RuntimeError):
+    """Generation raised; the original exception is the __cause__ (and in the service log)."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine is shutting down: the request was refused, or failed because shutdown could not wait."""
 
 
 @dataclass(frozen=True)
@@ -59,11 +76,16 @@ class Generation:
         return "length" if len(self.token_ids) >= self.max_new_tokens else "stop"
 
 
+# Called from the worker thread with the decoded answer so far, after every generated token.
+TextCallback = Callable[[str], None]
+
+
 @dataclass
 class _Request:
     ids: list[int]
     max_new_tokens: int
     constraint: Constraint | None = None
+    on_text: TextCallback | None = None
     future: Future = field(default_factory=Future)
 
 
@@ -99,6 +121,8 @@ class Engine:
         self._tok_lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue()
         self._worker: threading.Thread | None = None
+        self.in_flight = InFlight()
+        self._closing = False
 
     @classmethod
     def from_params(
@@ -229,27 +253,74 @@ class Engine:
                 f"context window of {window} tokens"
             )
 
+    def decode(self, token_ids: list[int]) -> str:
+        """Text of answer tokens (special tokens removed), as responses carry it."""
+        with self._tok_lock:
+            return decode_answers(self.tokenizer, [token_ids])[0]
+
     # ----- generation ----------------------------------------------------------------------------------
+    @property
+    def worker_alive(self) -> bool:
+        """True while the batching worker thread runs."""
+        return self._worker is not None and self._worker.is_alive()
+
+    def stuck_problem(self, stuck_after_s: float) -> str | None:
+        """Why the engine cannot answer in time (dead worker, requests older than `stuck_after_s`), or None."""
+        if not self.worker_alive:
+            return "the generation worker is not running"
+        ages = self.in_flight.ages()
+        stuck = [age for age in ages if age > stuck_after_s]
+        if stuck:
+            return (
+                f"{len(stuck)} request(s) in the engine for more than {stuck_after_s:g} s "
+                f"(serve.stuck_after_s; oldest {max(stuck):.1f} s)"
+            )
+        return None
+
     def start(self) -> None:
         """Start the batching worker thread (idempotent)."""
-        if self._worker is None or not self._worker.is_alive():
+        self._closing = False
+        if not self.worker_alive:
             self._worker = threading.Thread(target=self._run, name="dsft-generate", daemon=True)
             self._worker.start()
 
+    def drain(self, timeout_s: float) -> int:
+        """Refuse new requests, wait up to `timeout_s` for the open ones, then fail the rest with
+        EngineStopped; return how many were failed (a shutdown answers everything, and in bounded time)."""
+        self._closing = True
+        if self.in_flight.wait_empty(timeout_s):
+            return 0
+        failed = self.in_flight.fail_all(
+            lambda: EngineStopped(f"the service is shutting down; not answered within {timeout_s:g} s")
+        )
+        log.warning("shutdown: %d request(s) failed after waiting %.1f s", failed, timeout_s)
+        return failed
+
     def stop(self, timeout: float = 30.0) -> None:
-        """Let the worker finish what is queued, then stop it."""
-        if self._worker is not None and self._worker.is_alive():
+        """Let the worker finish what is queued (up to `timeout`), stop it, and fail whatever is still open."""
+        self._closing = True
+        if self.worker_alive:
             self._queue.put(_STOP)
             self._worker.join(timeout)
         self._worker = None
+        self.in_flight.fail_all(lambda: EngineStopped("the service stopped before answering"))
 
-    def submit(self, ids: list[int], max_new_tokens: int, constraint: Constraint | None = None) -> Future:
-        """Queue one prompt (its answer restricted by `constraint`, if any); the Future resolves to a
-        Generation (or the generation error)."""
+    def submit(
+        self,
+        ids: list[int],
+        max_new_tokens: int,
+        constraint: Constraint | None = None,
+        on_text: TextCallback | None = None,
+    ) -> Future:
+        """Queue one prompt (its answer restricted by `constraint`, if any; `on_text` streams it); the
+        Future resolves to a Generation, or to GenerationFailed / EngineStopped."""
         self._require_ready()
-        if self._worker is None:
-            raise RuntimeError("Engine.start() was not called")
-        request = _Request(list(ids), int(max_new_tokens), constraint)
+        if self._closing:
+            raise EngineStopped("the service is shutting down")
+        if not self.worker_alive:
+            raise NotReady("the generation worker is not running")
+        request = _Request(list(ids), int(max_new_tokens), constraint, on_text)
+        self.in_flight.add(request.future)
         self._queue.put(request)
         return request.future
 
@@ -264,13 +335,21 @@ class Engine:
             if first is _STOP:
                 break
             batch, stopping = self._gather([first])
-            # Requests cancelled while queued (client went away) are dropped before they cost compute.
-            live = [r for r in batch if r.future.set_running_or_notify_cancel()]
-            by_budget: dict[int, list[_Request]] = defaultdict(list)
-            for request in live:
-                by_budget[request.max_new_tokens].append(request)
-            for budget, group in sorted(by_budget.items()):
-                self._generate_group(group, budget)
+            try:
+                self._run_batch(batch)
+            except Exception as e:  # a bug here must not kill the worker: the batch's requests get it
+                log.exception("batching failed for %d request(s)", len(batch))
+                for request in batch:
+                    resolve(request.future, error=_failure(e))
+
+    def _run_batch(self, batch: list[_Request]) -> None:
+        # Requests cancelled or failed while queued (client gone, shutdown) are dropped before they cost compute.
+        live = [r for r in batch if claim(r.future)]
+        groups: dict[tuple[int, bool], list[_Request]] = defaultdict(list)
+        for request in live:  # streamed requests generate apart: their batch reports every step
+            groups[request.max_new_tokens, request.on_text is not None].append(request)
+        for (budget, streamed), group in sorted(groups.items()):
+            self._generate_group(group, budget, streamed)
 
     def _gather(self, batch: list[_Request]) -> tuple[list[_Request], bool]:
         deadline = time.monotonic() + self.batch_wait_s
@@ -284,26 +363,51 @@ class Engine:
             batch.append(item)
         return batch, False
 
-    def _generate_group(self, group: list[_Request], budget: int) -> None:
+    def _generate_group(self, group: list[_Request], budget: int, streamed: bool = False) -> None:
         started = time.perf_counter()
         try:
-            answers = generate_batched(
-                self.model,
-                self.tokenizer,
-                [r.ids for r in group],
-                budget,
-                len(group),
-                constraints=[r.constraint for r in group],
-            )
+            if streamed:
+                callbacks = [self._streamer(r) for r in group]
+                answers = generate_streamed(
+                    self.model, self.tokenizer, [r.ids for r in group], budget, callbacks
+                )
+            else:
+                answers = generate_batched(
+                    self.model,
+                    self.tokenizer,
+                    [r.ids for r in group],
+                    budget,
+                    len(group),
+                    constraints=[r.constraint for r in group],
+                )
             with self._tok_lock:
                 texts = decode_answers(self.tokenizer, answers)
         except Exception as e:  # one bad batch must not kill the worker: its requests get the error
             log.exception("generation failed for a batch of %d", len(group))
             for request in group:
-                request.future.set_exception(e)
+                resolve(request.future, error=_failure(e))
             return
         seconds = time.perf_counter() - started
         if self.on_batch is not None:
-            self.on_batch(len(group), seconds)
+            try:
+                self.on_batch(len(group), seconds)
+            except Exception:  # a metrics callback must not keep the answers from their requests
+                log.exception("on_batch callback failed")
         for request, answer, text in zip(group, answers, texts, strict=True):
-            request.future.set_result(Generation(answer, text, len(request.ids), budget, seconds, len(group)))
+            resolve(request.future, Generation(answer, text, len(request.ids), budget, seconds, len(group)))
+
+    def _streamer(self, request: _Request):
+        def emit(tokens: list[int]) -> None:
+            try:
+                request.on_text(self.decode(tokens))
+            except Exception:  # a consumer gone away (closed event loop) must not stop the batch
+                log.debug("streaming callback failed", exc_info=True)
+
+        return emit
+
+
+def _failure(error: Exception) -> GenerationFailed:
+    """The error a request's Future gets when generation raised `error`."""
+    failed = GenerationFailed(f"generation failed: {type(error).__name__}: {error}".rstrip(": "))
+    failed.__cause__ = error
+    return failed

@@ -6,7 +6,8 @@ import asyncio
 from contextlib import asynccontextmanager
 
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse
+
+from .errors import error_json
 
 
 class Saturated(RuntimeError):
@@ -25,10 +26,11 @@ class Admission:
         self.limit = limit
         self.timeout_s = timeout_s
         self._sem = asyncio.Semaphore(limit)
+        self.taken = 0  # slots held now
 
-    @asynccontextmanager
-    async def slot(self):
-        """Hold one slot for the duration of the block, or raise Saturated."""
+    async def acquire(self) -> None:
+        """Take one slot, or raise Saturated; the caller must `release()` it (a stream holds its slot
+        until the response is sent, past the route's return)."""
         if self.timeout_s <= 0:
             if self._sem.locked():
                 raise Saturated(
@@ -43,10 +45,21 @@ class Admission:
                     f"no generation slot freed within {self.timeout_s:g} s (serve.max_concurrency={self.limit}); "
                     "retry later"
                 ) from None
+        self.taken += 1
+
+    def release(self) -> None:
+        """Give back a slot taken by `acquire`."""
+        self.taken -= 1
+        self._sem.release()
+
+    @asynccontextmanager
+    async def slot(self):
+        """Hold one slot for the duration of the block, or raise Saturated."""
+        await self.acquire()
         try:
             yield
         finally:
-            self._sem.release()
+            self.release()
 
 
 class BodyLimitMiddleware:
@@ -69,7 +82,7 @@ class BodyLimitMiddleware:
             return
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            response = JSONResponse({"error": self._message(declared.decode())}, status_code=413)
+            response = error_json(413, self._message(declared.decode()), "body_too_large")
             await response(scope, receive, send)
             return
         received = 0

@@ -16,7 +16,11 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 PREFIX = "dsft"
 # Latency from a few ms (healthz, a 1-token answer on a small model) to a minute (long answers on a big one).
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Every latency threshold of monitoring/alerts.yml must be one of these boundaries (a test checks it): then
+# "p95 > X" holds exactly when more than 5 % of requests took longer than X, instead of depending on how
+# histogram_quantile interpolates inside a bucket (a 2 s threshold inside (1, 2.5] fired or not at a client
+# p95 of 2.04 s depending on the spread within the bucket).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 # One decode step costs ~1 ms (tiny model) to ~1 s (a large model on CPU).
 TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -83,8 +87,29 @@ class ServeMetrics:
             f"{PREFIX}_model_ready", "1 once the model is loaded and serving", registry=r
         )
         self.model_info = Info(
-            f"{PREFIX}_model", "What is being served: model directory, git commit, DVC experiment", registry=r
+            f"{PREFIX}_model",
+            "What is being served: model name and type, git commit, DVC experiment",
+            registry=r,
         )
+        self.stuck_requests = Gauge(
+            f"{PREFIX}_engine_stuck_requests",
+            "Requests in the engine (queued or generating) for longer than serve.stuck_after_s",
+            registry=r,
+        )
+        self.oldest_request_age = Gauge(
+            f"{PREFIX}_engine_oldest_request_age_seconds",
+            "Age of the oldest request in the engine (0 when it holds none)",
+            registry=r,
+        )
+        self.worker_up = Gauge(
+            f"{PREFIX}_engine_worker_up", "1 while the generation worker thread runs", registry=r
+        )
+
+    def watch_engine(self, engine, stuck_after_s: float) -> None:
+        """Read the engine's stuck count, oldest request age and worker state at every scrape."""
+        self.stuck_requests.set_function(lambda: engine.in_flight.older_than(stuck_after_s))
+        self.oldest_request_age.set_function(lambda: max(engine.in_flight.ages(), default=0.0))
+        self.worker_up.set_function(lambda: 1.0 if engine.worker_alive else 0.0)
 
     def exposition(self) -> tuple[bytes, str]:
         """The text exposition of every collector and its content type."""
@@ -109,13 +134,18 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str:
     return out.stdout.strip() or "unknown"
 
 
-def model_info_labels(model_dir: str | os.PathLike, model_type: str, env=os.environ) -> dict[str, str]:
+def model_name(model_dir: str | os.PathLike, configured: str | None = None) -> str:
+    """The name the service publishes for its model: serve.model_name, else the directory's own name
+    (`sft`, `int8`); never the absolute path, which tells a client about the host and nothing about the model."""
+    return configured or Path(model_dir).resolve().name
+
+
+def model_info_labels(name: str, model_type: str, commit: str, env=os.environ) -> dict[str, str]:
     """Labels of the model info metric; DVC sets DVC_EXP_NAME while it runs an experiment."""
     return {
-        "model_dir": str(model_dir),
-        "model_name": Path(model_dir).name,
+        "model_name": name,
         "model_type": model_type or "unknown",
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "dvc_exp": env.get("DVC_EXP_NAME") or "none",
     }
 
