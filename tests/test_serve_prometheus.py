@@ -21,6 +21,7 @@ import yaml
 
 from deepseek_sft.config import load_section
 from deepseek_sft.serve.loadtest import free_port, spawned_service
+from deepseek_sft.serve.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, TOKEN_BUCKETS
 from test_serve import build_tiny_model_dir
 
 from conftest import REPO
@@ -56,6 +57,32 @@ def test_alert_rules_fire_on_the_series_they_watch():
     result = promtool("test", "rules", str(MONITORING / "alerts_test.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
+
+
+HISTOGRAM_BUCKETS = {
+    "dsft_request_duration_seconds_bucket": LATENCY_BUCKETS,
+    "dsft_time_per_output_token_seconds_bucket": TOKEN_BUCKETS,
+    "dsft_batch_size_bucket": BATCH_BUCKETS,
+}
+
+
+def test_every_quantile_alert_threshold_is_a_bucket_boundary():
+    """Issue 15.4: a threshold inside a bucket fires or not depending on histogram_quantile's interpolation
+    (2 s inside (1, 2.5]: client p95 2.04 s, Prometheus 2.34 s). On a boundary it is exact."""
+    checked = 0
+    for group in yaml.safe_load((MONITORING / "alerts.yml").read_text(encoding="utf-8"))["groups"]:
+        for rule in group["rules"]:
+            expr = rule["expr"]
+            if "histogram_quantile" not in expr:
+                continue
+            metric = re.search(r"\b(dsft_\w+_bucket)\b", expr).group(1)
+            threshold = float(re.search(r"\)\s*>\s*([0-9.eE+-]+)\s*$", expr.strip()).group(1))
+            assert threshold in HISTOGRAM_BUCKETS[metric], (
+                f"alerts.yml {rule['alert']}: threshold {threshold} is not a bucket boundary of {metric} "
+                f"{HISTOGRAM_BUCKETS[metric]} (serve/metrics.py)"
+            )
+            checked += 1
+    assert checked >= 1  # the p95 latency alert at least
 
 
 def test_dashboard_is_valid_grafana_json():
@@ -209,8 +236,46 @@ def test_load_is_counted_by_prometheus(stack):
     assert 0 < p95 <= 60
 
     info = query(prom, "dsft_model_info")[0]["metric"]
-    assert info["model_dir"] == stack["model_dir"] and info["dvc_exp"] == "exp-prom"
+    assert info["model_name"] == "model" and info["dvc_exp"] == "exp-prom"  # the name, never the path
+    assert "model_dir" not in info and not any(stack["model_dir"] in v for v in info.values())
     assert query(prom, 'up{job="deepseek-sft-serve"}')[0]["value"][1] == "1"
+
+
+JUNK = [  # (body bytes, endpoint): each a client's mistake, each must be a 4xx
+    (b'{"text": "\\ud800"}', "/v1/tasks/entities"),
+    (b'{"prompt": "\\udfff", "max_new_tokens": 4}', "/v1/generate"),
+    ('{"text": "给⟨PER⟩张⟨+⟩三"}'.encode(), "/v1/tasks/entities"),
+    (b'{"prompt": "hi", "max_new_tokens": "5"}', "/v1/generate"),
+    (b'{"messages": [{"role": "user", "content": "\\ud83d"}]}', "/v1/chat/completions"),
+]
+
+
+@pytest.mark.slow
+def test_junk_is_4xx_and_the_error_panels_show_zero(stack):
+    """Issue 15.2/15.4: junk never counts as 5xx (so it cannot fire DsftServeHighErrorRate), and the error
+    panels read 0 on a healthy service instead of "No data" (no 5xx series exists)."""
+    for body, path in JUNK * 4:
+        response = httpx.post(
+            f"{stack['service']}{path}",
+            content=body,
+            headers={"content-type": "application/json"},
+            timeout=30,
+            trust_env=False,
+        )
+        assert 400 <= response.status_code < 500, (path, body, response.text)
+        assert response.json()["error"]["code"], response.text
+    prom = stack["prometheus"]
+    wait_for_value(prom, 'sum(dsft_requests_total{status=~"4.."})', 4 * len(JUNK), timeout_s=30)
+    assert query(prom, 'sum(dsft_requests_total{status=~"5.."})') == []
+    panels = {p["title"]: p for p in json.loads(DASHBOARD.read_text(encoding="utf-8"))["panels"]}
+    for title in ("5xx error rate (API)", "Error rate (share of API requests)"):
+        for target in panels[title]["targets"]:
+            result = query(prom, target["expr"])
+            assert len(result) == 1, (title, target["expr"], result)  # a value, not "No data"
+            if "5.." in target["expr"]:
+                assert float(result[0]["value"][1]) == 0.0, (title, result)
+    assert query(prom, "dsft_engine_stuck_requests")[0]["value"][1] == "0"
+    assert query(prom, "dsft_engine_worker_up")[0]["value"][1] == "1"
 
 
 @pytest.mark.slow
@@ -222,6 +287,8 @@ def test_prometheus_loaded_the_alert_rules(stack):
     assert set(rules) == {
         "DsftServeDown",
         "DsftServeModelNotReady",
+        "DsftServeEngineStuck",
+        "DsftServeWorkerDown",
         "DsftServeHighP95Latency",
         "DsftServeHighErrorRate",
     }
