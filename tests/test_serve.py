@@ -247,7 +247,7 @@ def error_of(response) -> dict:
     assert isinstance(error["message"], str) and error["message"]
     assert isinstance(error["code"], str) and error["code"]
     expected_type = "server_error" if response.status_code >= 500 else "invalid_request_error"
-    special = {401: "authentication_error", 404: "not_found_error", 503: "service_unavailable_error"}
+    special = {401: "authentication_error", 404: "not_found_error"}
     assert error["type"] == special.get(response.status_code, expected_type), error
     return error
 

@@ -15,13 +15,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .engine import EngineStopped, GenerationFailed
 
 # OpenAI's `type` per status; anything else 4xx is the client's request, anything else 5xx the server's.
-ERROR_TYPES = {
-    401: "authentication_error",
-    404: "not_found_error",
-    429: "rate_limit_error",
-    503: "service_unavailable_error",
-    504: "timeout_error",
-}
+# (`code` says which, e.g. saturated, shutting_down, generation_timeout).
+ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
 
 
 class ApiError(Exception):
