@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError, create_model
+from pydantic import BaseModel, ValidationError, create_model, field_validator
 
 from .base import LineOf, ParamsError, Section, describe_errors, params_error
 from .data import TaskSpec
@@ -125,6 +125,12 @@ def line_finder(text: str) -> LineOf:
 class _Common(Section):
     seed: int
     tasks: dict[str, TaskSpec]
+
+    @field_validator("tasks")
+    @classmethod
+    def _enabled_only(cls, tasks: dict[str, TaskSpec]) -> dict[str, TaskSpec]:
+        # `enabled: false` switches a task off by params only (dvc exp run -S tasks.x.enabled=false)
+        return {name: task for name, task in tasks.items() if task.enabled}
 
 
 def _errors(cls: type[BaseModel], data: Any, prefix: str, line_of: LineOf) -> list[str]:

@@ -25,6 +25,9 @@ class TaskSpec(Section):
     entity_types: list[str] | None = Field(
         default=None, description="allowed entity types (extraction); null = whatever the data holds"
     )
+    enabled: bool = Field(
+        default=True, description="false leaves the task out of every stage (e.g. a dataset that lacks its field)"
+    )
     system_prompt: str | None = Field(
         default=None,
         description="system message before the instruction; null = none (a template may add its own default: "

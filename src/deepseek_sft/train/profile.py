@@ -99,6 +99,11 @@ def _set_leaf(lines: list[str], parts: list[str], value: object) -> None:
             end += 1
             if leaf:
                 return
+        if not leaf and _inline_value(lines[row]) is not None:
+            _merge_inline(
+                lines, row, parts[depth + 1 :], value
+            )  # e.g. `path: null` gets {train: ..., test: ...}
+            return
         if leaf:
             cont = _block_end(lines, row + 1, len(lines), indent)  # continuation lines of a wrapped list
             old = yaml.safe_load("\n".join([lines[row].strip(), *(x.strip() for x in lines[row + 1 : cont])]))
@@ -108,6 +113,25 @@ def _set_leaf(lines: list[str], parts: list[str], value: object) -> None:
             lines[row] = _with_value(lines[row], text)
             return
         start, end, indent = row + 1, _block_end(lines, row + 1, end, indent), indent + 2
+
+
+def _inline_value(line: str) -> object | None:
+    """The value written on a key's own line (`path: null`, `cols: {}`) as YAML, or None for a block parent."""
+    match = _LINE.match(line)
+    if match is None or not match["value"].strip():
+        return None
+    return yaml.safe_load(match["value"]) if match["value"].strip() != "null" else {}
+
+
+def _merge_inline(lines: list[str], row: int, rest: list[str], value: object) -> None:
+    """Set `rest` inside the flow mapping on `lines[row]` (a scalar such as null becomes a mapping)."""
+    current = _inline_value(lines[row])
+    mapping = current if isinstance(current, dict) else {}
+    node = mapping
+    for part in rest[:-1]:
+        node = node.setdefault(part, {})
+    node[rest[-1]] = value
+    lines[row] = _with_value(lines[row], yaml_scalar(mapping))
 
 
 def _with_value(line: str, text: str) -> str:
