@@ -41,26 +41,46 @@ def weights_digest(directory: str | os.PathLike) -> str:
     return total.hexdigest()
 
 
+def sample_digest(path: Path) -> str:
+    """sha256 of a file's first and last MB: a cheap check that a recorded digest still describes the file."""
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(_CHUNK))
+        if size > _CHUNK:
+            f.seek(max(size - _CHUNK, _CHUNK))
+            h.update(f.read(_CHUNK))
+    return h.hexdigest()
+
+
 def digest_record(directory: str | os.PathLike) -> dict:
-    """What `weights_digest.json` holds: {"sha256": weights_digest, "files": {name: size in bytes}}."""
-    return {"sha256": weights_digest(directory), "files": _sizes(directory)}
+    """What `weights_digest.json` holds: {"sha256": weights_digest, "files": {name: {"size", "sample_sha256"}}}."""
+    return {"sha256": weights_digest(directory), "files": _file_facts(directory)}
 
 
-def _sizes(directory: str | os.PathLike) -> dict[str, int]:
-    return {p.name: p.stat().st_size for p in weight_files(directory)}
+def _file_facts(directory: str | os.PathLike) -> dict[str, dict]:
+    return {
+        p.name: {"size": p.stat().st_size, "sample_sha256": sample_digest(p)} for p in weight_files(directory)
+    }
 
 
-def _listed_sizes(files: dict) -> dict[str, int | None]:
-    """{name: size} from a record's "files" (values: a size, or a mapping with "size")."""
-    out = {}
+def _matches(files: dict, directory: str | os.PathLike) -> bool:
+    """Whether a record's "files" lists the weight files present, with their sizes (and samples, if recorded)."""
+    present = _file_facts(directory)
+    if set(files) != set(present):
+        return False
     for name, value in files.items():
-        out[name] = value.get("size") if isinstance(value, dict) else value
-    return out
+        listed = value if isinstance(value, dict) else {"size": value}
+        if any(
+            listed.get(key, present[name][key]) != present[name][key] for key in ("size", "sample_sha256")
+        ):
+            return False
+    return True
 
 
 def recorded_digest(directory: str | os.PathLike) -> str | None:
     """The digest recorded in `directory`/weights_digest.json, or None when it is missing, unreadable or does
-    not list exactly the weight files (names and sizes) present now (a record left over from other weights)."""
+    not describe the weight files present now (names, sizes, first and last MB: a record left from other weights)."""
     path = Path(directory) / DIGEST_FILE
     if not path.is_file():
         return None
@@ -70,7 +90,7 @@ def recorded_digest(directory: str | os.PathLike) -> str | None:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         log.warning("%s: unreadable (%s); hashing the weights instead", path, e)
         return None
-    if not isinstance(files, dict) or _listed_sizes(files) != _sizes(directory):
+    if not isinstance(files, dict) or not _matches(files, directory):
         log.warning("%s lists other weight files than %s holds; hashing the weights instead", path, directory)
         return None
     return str(digest)

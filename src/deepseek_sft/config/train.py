@@ -104,6 +104,17 @@ class TrainParams(Section):
     gradient_accumulation_steps: int = Field(default=1, ge=1, description="micro-steps per optimizer step")
     num_train_epochs: float = Field(default=2.0, gt=0.0, description="passes over the train examples")
     max_steps: int = Field(default=-1, ge=-1, description="optimizer steps; -1 = from num_train_epochs")
+    target_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="train on about this many input tokens (steps from the data's tokens per step, logged "
+        "before training); null = num_train_epochs",
+    )
+    min_steps: int = Field(
+        default=0,
+        ge=0,
+        description="at least this many optimizer steps (small data gets more epochs); 0 = off",
+    )
     weight_decay: float = Field(default=0.01, ge=0.0, lt=1.0, description="AdamW decoupled weight decay")
     max_grad_norm: float = Field(default=1.0, ge=0.0, description="gradient clipping norm (0 = off)")
     label_smoothing_factor: float = Field(
@@ -147,6 +158,12 @@ class TrainParams(Section):
     num_processes: int = Field(
         default=2, ge=1, le=4096, description="processes launched per node (deepspeed --num_gpus)"
     )
+    master_port: int | None = Field(
+        default=None,
+        ge=1024,
+        le=65535,
+        description="rendezvous port of the launcher (python -m deepseek_sft.train.launch); null = a free one",
+    )
     threads_per_process: int | None = Field(
         default=None, ge=1, description="torch CPU threads per process; null = usable cores / num_processes"
     )
@@ -174,6 +191,11 @@ class TrainParams(Section):
         if self.deepspeed is not None and not self.deepspeed.endswith(".json"):
             raise ValueError(
                 f"deepspeed={self.deepspeed!r}: expected a path to a DeepSpeed JSON config or null"
+            )
+        if self.max_steps > 0 and (self.target_tokens is not None or self.min_steps > 0):
+            raise ValueError(
+                f"max_steps={self.max_steps} fixes the run length; set target_tokens: null and min_steps: 0, "
+                "or max_steps: -1 to use them"
             )
         if self.unfreeze.enabled and self.lora.enabled:
             raise ValueError("unfreeze and lora are exclusive: LoRA already freezes every base weight")

@@ -1,8 +1,8 @@
 """Resumable checkpoints: find the newest complete one, and never resume a run with different inputs.
 
 models/checkpoints is a `persist: true` DVC output, so it survives between runs. A checkpoint is only reused
-when the run fingerprint (train params, seed, tasks, base model, data, DeepSpeed config, process count) is the
-one it was written under; `dvc exp run -S train.learning_rate=...` therefore starts fresh instead of silently
+when the run fingerprint (see fingerprint.py: params, base weights by content, data, code, ...) is the one
+it was written under; `dvc exp run -S train.learning_rate=...` therefore starts fresh instead of silently
 continuing another experiment.
 """
 
@@ -54,20 +54,25 @@ def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def prepare_output_dir(output_dir: str | Path, run_fingerprint: str, resume: bool) -> Path | None:
+def prepare_output_dir(
+    output_dir: str | Path, run_fingerprint: str, resume: bool, parts: dict[str, str] | None = None
+) -> Path | None:
     """Clean `output_dir` for this run and return the checkpoint to resume from (or None).
 
-    Drops incomplete checkpoints, and all checkpoints if the fingerprint differs or resume is off.
+    Drops incomplete checkpoints, and all checkpoints if the fingerprint differs or resume is off. `parts`
+    ({part: hash}, recorded beside the fingerprint) lets the warning name what changed.
     Call on the main process only (others wait), e.g. inside TrainingArguments.main_process_first().
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     stamp = output_dir / FINGERPRINT
-    previous = json.loads(stamp.read_text())["fingerprint"] if stamp.is_file() else None
+    previous = json.loads(stamp.read_text()) if stamp.is_file() else {}
     found = checkpoints(output_dir)
-    if found and (previous != run_fingerprint or not resume):
-        why = "resume is off" if not resume else "params, data or base model changed since they were written"
-        log.warning("removing %d old checkpoint(s) in %s: %s", len(found), output_dir, why)
+    if found and (previous.get("fingerprint") != run_fingerprint or not resume):
+        why = "resume is off" if not resume else f"{changed_parts(previous.get('parts'), parts)} changed"
+        log.warning(
+            "removing %d old checkpoint(s) in %s: %s; training starts at step 0", len(found), output_dir, why
+        )
         for _, path in found:
             shutil.rmtree(path)
         found = []
@@ -75,8 +80,16 @@ def prepare_output_dir(output_dir: str | Path, run_fingerprint: str, resume: boo
         if not is_complete(path):
             log.warning("removing incomplete checkpoint %s (interrupted while saving)", path)
             shutil.rmtree(path)
-    write_json(stamp, {"fingerprint": run_fingerprint})
+    write_json(stamp, {"fingerprint": run_fingerprint} | ({"parts": parts} if parts else {}))
     return latest_checkpoint(output_dir)
+
+
+def changed_parts(before: dict[str, str] | None, now: dict[str, str] | None) -> str:
+    """Which fingerprint parts differ, as text ("base_weights, data"), or a generic phrase when unknown."""
+    if not before or not now:
+        return "params, data, base model or code"
+    names = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    return ", ".join(names) or "the fingerprint"
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:

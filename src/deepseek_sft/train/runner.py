@@ -18,11 +18,14 @@ from ..config import StageParams
 from ..io import read_jsonl, write_json
 from ..sft_data import build_examples, make_collator
 from . import checkpoints as ckpt
-from .callbacks import BaseEvalCallback, ThroughputCallback, dvclive_callback
+from .callbacks import BaseEvalCallback, ThroughputCallback, WholeRunCallback, dvclive_callback
+from .fingerprint import part_hashes, run_parts
 from .lora import apply_lora, merge_adapter
 from .moe import RouterMonitor, freeze_routers, set_zero3_leaf_modules
+from .plan import TrainPlan, batches_per_epoch, make_plan
 from .preflight import Intent, format_table, preflight
 from .reports import write_expert_load, write_param_table, write_train_metrics
+from .resume import ResumableSFTTrainer
 from .setup import (
     check_launch,
     configure_threads,
@@ -39,19 +42,6 @@ from .unfreeze import ProgressiveUnfreeze, frozen_units, never_unfrozen, unit_of
 from .varlen import use_varlen_attention
 
 log = logging.getLogger(__name__)
-
-
-# train keys that do not change the trained weights: editing them keeps the checkpoints resumable.
-_NOT_IN_FINGERPRINT = {
-    "resume",
-    "logging_steps",
-    "save_steps",
-    "save_total_limit",
-    "eval_steps",
-    "eval_base",
-    "threads_per_process",
-    "per_device_eval_batch_size",
-}
 
 
 @dataclass(frozen=True)
@@ -124,22 +114,22 @@ def build_split(path: Path, stage: StageParams, tokenizer) -> tuple[list[dict], 
     return build_examples(read_jsonl(path), stage.tasks, tokenizer, p.max_length, p.truncation)
 
 
-def run_fingerprint(stage: StageParams, paths: TrainPaths, ds_config: dict | None, world: int) -> str:
-    """Hash of everything a checkpoint depends on (weights of models/base by name and size: hashing 60 GB
-    at every start would cost minutes, and base_model rewrites the directory whenever they change)."""
-    base_files = sorted(paths.base.glob("*"))
-    return ckpt.fingerprint(
-        {
-            "seed": stage.seed,
-            "tasks": {k: t.model_dump() for k, t in stage.tasks.items()},
-            "train": stage.section.model_dump(exclude=_NOT_IN_FINGERPRINT),
-            "deepspeed": ds_config,
-            "world_size": world,
-            "base": {f.name: f.stat().st_size for f in base_files if f.is_file()},
-            "base_config": ckpt.files_digest([f for f in base_files if f.suffix == ".json"]),
-            "data": ckpt.files_digest([paths.train, paths.val]),
-        }
-    )
+def run_fingerprint(
+    stage: StageParams, paths: TrainPaths, load_kwargs: dict, ds_config: dict | None, world: int
+) -> tuple[str, dict[str, str]]:
+    """(fingerprint, {part: hash}) of everything a checkpoint depends on (see fingerprint.py); the base
+    weights count by content, from models/base/weights_digest.json when base_model recorded it."""
+    parts = part_hashes(run_parts(stage, paths.base, [paths.train, paths.val], load_kwargs, ds_config, world))
+    return ckpt.fingerprint(parts), parts
+
+
+def plan_run(trainer: SFTTrainer, stage: StageParams, examples: list[dict]) -> TrainPlan:
+    """Decide the run length (train.max_steps / target_tokens / num_train_epochs / min_steps) and set it."""
+    plan = make_plan(stage.section, examples, batches_per_epoch(trainer), trainer.args.world_size)
+    if plan.source in ("target_tokens", "min_steps"):
+        trainer.args.max_steps = plan.max_steps  # Trainer reads it when train() starts
+    log.info("%s", plan.describe())
+    return plan
 
 
 def run_training(stage: StageParams, load_kwargs: dict, paths: TrainPaths) -> dict:
@@ -166,10 +156,10 @@ def run_training(stage: StageParams, load_kwargs: dict, paths: TrainPaths) -> di
     val_examples, val_stats = build_split(paths.val, stage, tokenizer)
     log.info("examples: train %s, val %s", train_stats, val_stats)
 
-    fp = run_fingerprint(stage, paths, ds_config, args.world_size)
+    fp, fp_parts = run_fingerprint(stage, paths, load_kwargs, ds_config, args.world_size)
     with args.main_process_first(desc="checkpoint check", local=False):
         if is_main:
-            resume_from = ckpt.prepare_output_dir(paths.checkpoints, fp, p.resume)
+            resume_from = ckpt.prepare_output_dir(paths.checkpoints, fp, p.resume, fp_parts)
         else:
             resume_from = ckpt.latest_checkpoint(paths.checkpoints) if p.resume else None
     resumed_from_step = ckpt.resumed_step(resume_from)  # now: checkpoint rotation may delete it later
@@ -178,10 +168,12 @@ def run_training(stage: StageParams, load_kwargs: dict, paths: TrainPaths) -> di
 
     base_eval = BaseEvalCallback(paths.checkpoints / "base_eval.json", is_main, p.eval_base)
     throughput = ThroughputCallback()
-    callbacks = [c for c in (prepared.unfreeze, base_eval, throughput) if c is not None]
+    whole_run = WholeRunCallback(prepared.monitor)
+    # whole_run before dvclive: it puts the whole run's train_loss into the final log line dvclive records
+    callbacks = [c for c in (prepared.unfreeze, base_eval, throughput, whole_run) if c is not None]
     if is_main:
-        callbacks.append(dvclive_callback(paths.reports / "live"))
-    trainer = SFTTrainer(
+        callbacks.append(dvclive_callback(paths.reports / "live", resumed_from_step))
+    trainer = ResumableSFTTrainer(
         model=prepared.model,
         args=args,
         train_dataset=train_examples,
@@ -193,10 +185,14 @@ def run_training(stage: StageParams, load_kwargs: dict, paths: TrainPaths) -> di
         # a frozen router cannot be balanced; its loss would only push on the layers below
         aux_loss_coef=0.0 if p.freeze_router else p.router_aux_loss_coef,
     )
-    base_eval.trainer = trainer
+    base_eval.trainer = whole_run.trainer = trainer
+    plan = plan_run(trainer, stage, train_examples)
+    if is_main:
+        write_train_metrics(paths.reports, plan.metrics())  # readable while the run goes on
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     final_eval = trainer.evaluate()
-    prepared.monitor.flush(trainer.state.global_step)  # the last, partial logging window
+    if prepared.monitor.counts:  # a last, partial logging window (none when the last step was logged)
+        prepared.monitor.flush(trainer.state.global_step)
     prepared.monitor.detach()
 
     restore_config(trainer.model, saved_config)
@@ -222,6 +218,7 @@ def run_training(stage: StageParams, load_kwargs: dict, paths: TrainPaths) -> di
         "global_step": trainer.state.global_step,
         "epochs": round(trainer.state.epoch or 0.0, 4),
         "resumed_from_step": resumed_from_step,
+        **plan.metrics(),
         "num_processes": args.world_size,
         "threads_per_process": threads,
         "zero_stage": zero_stage(ds_config),
