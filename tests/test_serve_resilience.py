@@ -11,6 +11,7 @@ hanging it.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
 import sys
@@ -114,6 +115,25 @@ def test_a_generation_failure_answers_500_and_frees_the_slot(engine, tasks, monk
     assert metric_value(metrics, "dsft_requests_total", endpoint="/v1/tasks/intent", status="500") == 3
     assert metric_value(metrics, "dsft_rejected_requests_total", reason="saturated") == 0
     assert len(engine.in_flight) == 0
+
+
+def test_a_failure_while_streaming_ends_the_stream_with_an_error_event(engine, tasks, monkeypatch):
+    """A streamed answer that fails after the 200 went out: an OpenAI error event, then [DONE], slot back."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(engine_module, "generate_streamed", broken)
+    body = {"messages": [{"role": "user", "content": "转账"}], "max_tokens": 4, "stream": True}
+    with client_for(engine, tasks, max_concurrency=1, max_batch_size=1) as c:
+        for _ in range(2):  # one slot: the second stream gets it back from the first
+            r = post_within(c, "/v1/chat/completions", body)
+            assert r.status_code == 200
+            events = [line.removeprefix("data: ") for line in r.text.splitlines() if line]
+            assert events[-1] == "[DONE]"
+            error = json.loads(events[-2])["error"]
+            assert error["code"] == "generation_failed" and "RuntimeError: boom" in error["message"]
+        assert c.app.state.service.admission.taken == 0
 
 
 def test_readyz_is_503_while_a_request_is_stuck_and_when_the_worker_is_dead(engine, tasks, monkeypatch):
