@@ -172,3 +172,23 @@ def test_check_params_prints_the_message_alone_and_exits_2(params_copy, repo_roo
         text=True,
     )
     assert (good.returncode, good.stdout.strip()) == (0, f"{repo_root / 'params.yaml'}: ok")
+
+
+def test_a_script_that_does_not_catch_params_error_prints_the_message_alone(params_copy):
+    """scripts/train.py, evaluate.py, compress.py ... let ParamsError propagate: no traceback either."""
+    import subprocess
+    import sys
+
+    edit_params(params_copy, {"train.learning_rat": 1.0e-3})
+    run = subprocess.run(
+        [sys.executable, "-c", "from deepseek_sft.config import load_section; load_section('train')"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 1
+    assert run.stderr.startswith(f"error: {params_copy}: invalid parameters:\n")
+    assert "train.learning_rat: unknown key" in run.stderr and "Traceback" not in run.stderr
+    other = subprocess.run(
+        [sys.executable, "-c", "import deepseek_sft.config; 1 / 0"], capture_output=True, text=True
+    )
+    assert "Traceback" in other.stderr and "ZeroDivisionError" in other.stderr  # every other error as before

@@ -220,6 +220,26 @@ def params_model() -> type[BaseModel]:
     return create_model("Params", seed=(int, ...), tasks=(dict[str, TaskSpec], {}), **fields)
 
 
+def _print_params_errors(previous):
+    """An excepthook: a ParamsError nobody caught prints its message alone (it names file, line and key; the
+    traceback would add nothing) and the process exits 1; any other exception goes to `previous`."""
+
+    def hook(kind, value, traceback):
+        if issubclass(kind, ParamsError):
+            print(f"error: {value}", file=sys.stderr)
+        else:
+            previous(kind, value, traceback)
+
+    hook.params_errors = True
+    return hook
+
+
+# Installed on import so that every stage script (each loads its params through here) reports a bad
+# params.yaml as its message, with or without its own `except ParamsError`.
+if not getattr(sys.excepthook, "params_errors", False):
+    sys.excepthook = _print_params_errors(sys.excepthook)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m deepseek_sft.config [params.yaml]`: exit 0 and say ok, or print the problems alone, exit 2."""
     args = sys.argv[1:] if argv is None else argv
