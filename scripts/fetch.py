@@ -1,4 +1,7 @@
-"""Stage fetch: write raw records (data/raw/records.jsonl), their manifest and reports/fetch/metrics.json."""
+"""Stage fetch: write raw records (data/raw/records.jsonl), their manifest and reports/fetch/metrics.json.
+
+reports/fetch/timing.json holds the wall-clock seconds; it is not a DVC output, so identical runs leave
+dvc.lock unchanged."""
 
 from __future__ import annotations
 
@@ -24,13 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_section("fetch")
         args.side_dir.mkdir(parents=True, exist_ok=True)
-        records, stats = fetch(params, side_dir=args.side_dir)
+        timing: dict = {}
+        records, stats = fetch(params, side_dir=args.side_dir, timing=timing)
     except (DataError, ParamsError) as e:
         print(f"fetch: error: {e}", file=sys.stderr)
         return 2
     write_jsonl(args.out, records)
     write_json(args.manifest, manifest(params, args.out, records))
     write_metrics(args.reports / "metrics.json", stats)
+    write_json(args.reports / "timing.json", timing)  # wall-clock: not DVC-tracked (see dvc.yaml)
     # The side directory is one DVC output whatever the source: list what this run put there.
     side_files = sorted(p.name for p in args.side_dir.iterdir() if p.name != "index.json")
     write_json(args.side_dir / "index.json", {"source": params.section.source, "files": side_files})

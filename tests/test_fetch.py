@@ -185,7 +185,7 @@ def test_local_csv_with_text_and_label_gets_the_gold_annotator(tmp_path):
     records = local_records(tmp_path, path, label_columns={"intent": "label"})
     assert [r["id"] for r in records] == ["requests-1", "requests-2", "requests-3"]
     assert records[0]["annotations"] == {GOLD_ANNOTATOR: {"intent": "card_loss"}}
-    assert records[0]["meta"] == {"file": str(path), "row": 1} and records[0]["source"] == "local"
+    assert records[0]["meta"] == {"file": str(path), "row": 1, "line": 2} and records[0]["source"] == "local"
     assert records[1]["text"] == ""  # row-level problems pass through for clean to reject
     assert records[2]["annotations"] == {GOLD_ANNOTATOR: {"intent": None}}
 
@@ -280,7 +280,7 @@ def test_local_label_studio_export(tmp_path):
 def test_local_header_only_file_is_a_data_error(tmp_path):
     path = tmp_path / "empty.csv"
     path.write_text("text,label\n", encoding="utf-8")
-    with pytest.raises(DataError, match="produced no records"):
+    with pytest.raises(DataError, match=r"no records in .*empty\.csv \(fetch.local.path\): a header only"):
         local_records(tmp_path, path)
 
 
@@ -315,10 +315,26 @@ def test_local_missing_column_names_it_and_lists_the_columns(tmp_path):
     [
         ("data.xlsx", b"PK\x03\x04", "auto", r"data\.xlsx: cannot tell the format"),
         ("data.parquet", b"not a parquet file", "auto", r"data\.parquet: cannot read as parquet"),
-        ("data.csv", "text\n卡丢了\n".encode("gbk"), "auto", r"data\.csv: not UTF-8"),
-        ("data.csv", b'text,label\n"a,b\n', "auto", r"data\.csv: cannot read as csv"),
+        (
+            "data.csv",
+            "text\n卡丢了\n".encode("gbk"),
+            "auto",
+            r"data\.csv:2: not UTF-8 text .*re-save it as UTF-8",
+        ),
+        (
+            "data.csv",
+            b'text,label\n"a,b\n',
+            "auto",
+            r"data\.csv:2: a quoted cell opened on this line is never",
+        ),
         ("data.jsonl", b"{bad\n{worse\n", "auto", r"data\.jsonl:1: invalid JSON"),
-        ("export.json", b'{"text": "x"}', "auto", r"export\.json: not a Label Studio export"),
+        (
+            "export.json",
+            b'{"text": "x"}',
+            "auto",
+            r"export\.json: expected a JSON array of row objects or a Label",
+        ),
+        ("export.json", b'{"text": "x"}', "label_studio", r"export\.json: not a Label Studio export"),
         ("export.json", b"[{", "label_studio", r"export\.json:1: invalid JSON"),
     ],
 )
@@ -414,8 +430,14 @@ def test_script_end_to_end_is_reproducible(tmp_path):
     assert len(first.splitlines()) == 300
     side = json.loads((tmp_path / "data/raw/side/index.json").read_text(encoding="utf-8"))
     assert side == {"source": "synthetic", "files": []}
+    metrics_bytes = (tmp_path / "reports/fetch/metrics.json").read_bytes()
     assert run_script(tmp_path, section).returncode == 0
     assert out.read_bytes() == first
+    # DVC-tracked metrics hold no wall-clock time (it would change dvc.lock on every identical run)
+    assert (tmp_path / "reports/fetch/metrics.json").read_bytes() == metrics_bytes
+    assert not [k for k in metrics if "seconds" in k]
+    timing = json.loads((tmp_path / "reports/fetch/timing.json").read_text(encoding="utf-8"))
+    assert set(timing) == {"fetch_seconds"} and timing["fetch_seconds"] >= 0
 
 
 def test_script_reports_bad_input_without_a_traceback(tmp_path):

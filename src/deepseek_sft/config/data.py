@@ -6,9 +6,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ..records import SPLITS
 from .base import Section
-from .sources import LlmParams, WebParams
+from .sources import ColumnMapping, HfParams, LlmParams, LocalParams, WebParams
+
+__all__ = ["ColumnMapping", "FetchParams", "HfParams", "LocalParams", "TaskSpec"]
 
 
 class TaskSpec(Section):
@@ -26,7 +27,8 @@ class TaskSpec(Section):
         default=None, description="allowed entity types (extraction); null = whatever the data holds"
     )
     enabled: bool = Field(
-        default=True, description="false leaves the task out of every stage (e.g. a dataset that lacks its field)"
+        default=True,
+        description="false leaves the task out of every stage (e.g. a dataset that lacks its field)",
     )
     system_prompt: str | None = Field(
         default=None,
@@ -57,78 +59,6 @@ class SyntheticParams(Section):
             if not 0.0 <= rate <= 0.5:
                 raise ValueError(f"annotator_error_rates.{name}={rate}: allowed range is 0.0..0.5")
         return self
-
-
-class ColumnMapping(Section):
-    """How columns of a user table map onto the record fields."""
-
-    text_column: str = Field(default="text", description="column holding the input text")
-    id_column: str | None = Field(default=None, description="column holding a record id; null = row number")
-    label_columns: dict[str, str] = Field(
-        default_factory=dict, description="record field -> column, e.g. {intent: label}"
-    )
-    annotator_column: str | None = Field(
-        default=None, description="column naming the annotator when a text has one row per annotator"
-    )
-    split_column: str | None = Field(
-        default=None,
-        description="column holding the dataset's own split (train/val/test; also training, validation, "
-        "dev, testing); label_qa keeps it and carves val from train; null = label_qa draws the split",
-    )
-
-
-class LocalParams(ColumnMapping):
-    """Local files: JSONL, CSV/TSV, Parquet or a Label Studio JSON export."""
-
-    path: str | list[str] | dict[str, str | list[str]] | None = Field(
-        default=None,
-        description="a file, a directory of files or a glob (data/x/fold*.json), or a list of those; or a "
-        "map of the dataset's own split -> those ({train: a.csv, test: b.csv}): label_qa keeps that split",
-    )
-    format: Literal["auto", "jsonl", "csv", "tsv", "parquet", "label_studio"] = Field(
-        default="auto", description="file format; auto = from the extension"
-    )
-
-    @model_validator(mode="after")
-    def _check_path(self):
-        if isinstance(self.path, dict):
-            unknown = [k for k in self.path if k not in SPLITS]
-            if unknown or "train" not in self.path:
-                raise ValueError(
-                    f"path: a map of split -> file needs a 'train' key and only keys of {', '.join(SPLITS)} "
-                    f"(got {', '.join(map(repr, self.path)) or 'none'})"
-                )
-            if self.split_column is not None:
-                raise ValueError(
-                    "path is a map of split -> file and split_column is set: give the split one way only"
-                )
-        if isinstance(self.path, list) and not self.path:
-            raise ValueError("path: an empty list; give at least one file, directory or glob")
-        for spec in _path_specs(self.path):
-            if not spec.strip():
-                raise ValueError("path: an empty file name")
-        return self
-
-
-def _path_specs(path: str | list | dict | None) -> list[str]:
-    """Every file/directory/glob string in a `fetch.local.path` value."""
-    if path is None:
-        return []
-    if isinstance(path, str):
-        return [path]
-    if isinstance(path, dict):
-        return [s for value in path.values() for s in _path_specs(value)]
-    return list(path)
-
-
-class HfParams(ColumnMapping):
-    """A dataset loaded with datasets.load_dataset (hub id or local dataset directory)."""
-
-    path: str | None = Field(default=None, description="hub dataset id or local directory")
-    name: str | None = Field(default=None, description="dataset config name")
-    split: str = Field(default="train", description="split to load")
-    revision: str | None = Field(default=None, description="pinned git revision (required for hub ids)")
-    trust_remote_code: bool = Field(default=False, description="allow dataset scripts to run code")
 
 
 class FetchParams(Section):

@@ -1,4 +1,10 @@
-"""Params of the crawler (`fetch.source: web`) and LLM-synthesis (`fetch.source: llm`) sources."""
+"""Params of the record sources: local files and `datasets` (column mappings), the crawler (`web`), LLM synthesis
+(`llm`).
+
+Entity spans in a label column may be written in any of the usual shapes (fetch/spans.py): this project's
+[{start, end, type}], [{start, end, label}], [[start, end, label]], or a map {name: {span: [start, end],
+text}} (NLU++ slots); a span that gives its text is checked against the record text by clean.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,88 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from ..records import SPLITS
 from .base import Section
+
+
+class ColumnMapping(Section):
+    """How columns of a user table map onto the record fields."""
+
+    text_column: str = Field(default="text", description="column holding the input text")
+    id_column: str | None = Field(default=None, description="column holding a record id; null = row number")
+    label_columns: dict[str, str] = Field(
+        default_factory=dict, description="record field -> column, e.g. {intent: label}"
+    )
+    annotator_column: str | None = Field(
+        default=None, description="column naming the annotator when a text has one row per annotator"
+    )
+    split_column: str | None = Field(
+        default=None,
+        description="column holding the dataset's own split (train/val/test; also training, validation, "
+        "dev, testing); label_qa keeps it and carves val from train; null = label_qa draws the split",
+    )
+    multi_label_join: str | None = Field(
+        default=None,
+        description="a classification column holding a list (multi-label, e.g. NLU++ intents) becomes one "
+        "label: its items sorted and joined with this text (e.g. '+'); null = clean rejects list labels",
+    )
+
+
+class LocalParams(ColumnMapping):
+    """Local files: JSONL, CSV/TSV, Parquet or a Label Studio JSON export."""
+
+    path: str | list[str] | dict[str, str | list[str]] | None = Field(
+        default=None,
+        description="a file, a directory of files or a glob (data/x/fold*.json), or a list of those; or a "
+        "map of the dataset's own split -> those ({train: a.csv, test: b.csv}): label_qa keeps that split",
+    )
+    format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "label_studio"] = Field(
+        default="auto",
+        description="file format; auto = from the extension (.json: a Label Studio export when its items "
+        "hold a 'data' object, else json = a JSON array of row objects)",
+    )
+
+    @model_validator(mode="after")
+    def _check_path(self):
+        if isinstance(self.path, dict):
+            unknown = [k for k in self.path if k not in SPLITS]
+            if unknown or "train" not in self.path:
+                raise ValueError(
+                    f"path: a map of split -> file needs a 'train' key and only keys of {', '.join(SPLITS)} "
+                    f"(got {', '.join(map(repr, self.path)) or 'none'})"
+                )
+            if self.split_column is not None:
+                raise ValueError(
+                    "path is a map of split -> file and split_column is set: give the split one way only"
+                )
+        if isinstance(self.path, list) and not self.path:
+            raise ValueError("path: an empty list; give at least one file, directory or glob")
+        for spec in _path_specs(self.path):
+            if not spec.strip():
+                raise ValueError("path: an empty file name")
+        return self
+
+
+def _path_specs(path: str | list | dict | None) -> list[str]:
+    """Every file/directory/glob string in a `fetch.local.path` value."""
+    if path is None:
+        return []
+    if isinstance(path, str):
+        return [path]
+    if isinstance(path, dict):
+        return [s for value in path.values() for s in _path_specs(value)]
+    return list(path)
+
+
+class HfParams(ColumnMapping):
+    """A dataset loaded with datasets.load_dataset (hub id or local dataset directory)."""
+
+    path: str | None = Field(default=None, description="hub dataset id or local directory")
+    name: str | None = Field(default=None, description="dataset config name")
+    split: str = Field(default="train", description="split to load")
+    revision: str | None = Field(default=None, description="pinned git revision (required for hub ids)")
+    trust_remote_code: bool = Field(default=False, description="allow dataset scripts to run code")
+
 
 DEFAULT_USER_AGENTS = [
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0 Safari/537.36",

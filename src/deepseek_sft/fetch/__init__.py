@@ -43,10 +43,13 @@ def source_module(source: str) -> ModuleType:
     return module
 
 
-def fetch(params: StageParams, side_dir: str | os.PathLike | None = None) -> tuple[list[dict], dict]:
+def fetch(
+    params: StageParams, side_dir: str | os.PathLike | None = None, timing: dict | None = None
+) -> tuple[list[dict], dict]:
     """Fetch the raw records of `params.section.source`; return them with flat, numeric stats.
 
-    Sources with side outputs (crawl log, LLM rejects, review queue) write them into `side_dir`.
+    Sources with side outputs (crawl log, LLM rejects, review queue) write them into `side_dir`. The stats
+    are deterministic (they go to DVC-tracked metrics); wall-clock seconds go into `timing` when given.
     """
     source = params.section.source
     module = source_module(source)
@@ -61,6 +64,10 @@ def fetch(params: StageParams, side_dir: str | os.PathLike | None = None) -> tup
     if not records:
         raise DataError(f"fetch.source={source!r} produced no records; check its input")
     stats = {**summarize(records, params.tasks, seconds), **source_stats}
+    # seconds differ run to run: in metrics.json they would change dvc.lock on every identical run
+    stats.pop("generation_seconds", None)
+    if timing is not None:
+        timing["fetch_seconds"] = round(seconds, 3)
     log.info("fetch: %d records in %.2fs", len(records), seconds)
     return records, stats
 

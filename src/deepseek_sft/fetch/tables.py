@@ -20,6 +20,7 @@ from ..config import TaskSpec
 from ..config.data import ColumnMapping
 from ..io import DataError
 from ..records import GOLD_ANNOTATOR, canonical_split
+from .spans import align_to_text, canonical_spans
 
 
 def malformed(record_id: str, source: str, meta: dict, error: str, raw: str | None = None) -> dict:
@@ -62,16 +63,23 @@ def check_columns(columns: list[str], mapping: ColumnMapping, where: str, sectio
             )
 
 
-def label_value(field: str, value: Any, tasks: dict[str, TaskSpec]) -> Any:
-    """A label cell as a record value: '' -> None; a JSON string in an extraction field -> its spans."""
+def label_value(field: str, value: Any, tasks: dict[str, TaskSpec], join: str | None = None) -> Any:
+    """A label cell as a record value: '' -> None; an extraction field (or its JSON string) -> spans in the
+    record shape (spans.py); a list in another field -> one label joined by `join` (multi-label)."""
     value = plain(value)
+    if field in _extraction_fields(tasks):
+        if value is None or value == "":
+            return []  # the column holds this task's spans: an empty cell means "no entities" (as Label Studio)
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                return value  # kept as is: clean rejects it with the reason
+        return canonical_spans(value)
     if value == "":
         return None
-    if isinstance(value, str) and field in _extraction_fields(tasks):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            return value  # kept as is: clean rejects it with the reason
+    if join is not None and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return join.join(sorted(set(value)))  # sorted: the same set of labels is the same label
     return value
 
 
@@ -79,11 +87,38 @@ def _extraction_fields(tasks: dict[str, TaskSpec]) -> set[str]:
     return {t.field for t in tasks.values() if t.type == "extraction"}
 
 
-def row_labels(row: dict, mapping: ColumnMapping, tasks: dict[str, TaskSpec]) -> dict:
-    """The labels a row holds, keyed by record field."""
-    return {
-        field: label_value(field, row.get(column), tasks) for field, column in mapping.label_columns.items()
-    }
+def row_labels(
+    row: dict, mapping: ColumnMapping, tasks: dict[str, TaskSpec], meta: dict | None = None
+) -> dict:
+    """The labels a row holds, keyed by record field. A list in a non-span field without
+    `multi_label_join` is a params problem of the whole column: DataError naming the place (from `meta`)."""
+    labels = {}
+    for field, column in mapping.label_columns.items():
+        value = label_value(field, row.get(column), tasks, mapping.multi_label_join)
+        if isinstance(value, list) and field not in _extraction_fields(tasks):
+            where = ", ".join(f"{k} {v}" for k, v in (meta or {}).items() if k != "file")
+            raise DataError(
+                f"{(meta or {}).get('file', 'input')}: {where}: column {column!r} (label_columns.{field}) holds a "
+                f"list {value!r}; a multi-label field needs multi_label_join (e.g. '+') to become one label"
+            )
+        labels[field] = value
+    return labels
+
+
+def align_labels(text: Any, labels: dict, tasks: dict[str, TaskSpec]) -> tuple[dict, int]:
+    """`labels` with spans given in UTF-16 offsets moved onto characters (spans.py); how many moved."""
+    converted = 0
+    for field in _extraction_fields(tasks) & labels.keys():
+        labels[field], n = align_to_text(text, labels[field])
+        converted += n
+    return labels, converted
+
+
+def note_converted(meta: dict, converted: int) -> dict:
+    """Meta that records how many spans had UTF-16 offsets converted (nothing when none)."""
+    if converted:
+        meta["utf16_spans_converted"] = meta.get("utf16_spans_converted", 0) + converted
+    return meta
 
 
 def rows_to_records(
@@ -95,12 +130,22 @@ def rows_to_records(
     origin: dict,
     id_prefix: str,
     unit: str = "row",
+    lines: dict[int, int] | None = None,
 ) -> list[dict]:
     """Records from (row number, row) pairs; `origin` (file or dataset) and the row number (under the
-    key `unit`: "row", or "line" for JSONL) go into every record's meta."""
+    key `unit`: "row", "line" for JSONL, "item" for a JSON array) go into every record's meta, and with
+    `lines` (row number -> line of the user's file, for CSV) the line too."""
+    lines = lines or {}
     if mapping.annotator_column is None:
-        return [_single(n, row, mapping, tasks, source, {**origin, unit: n}, id_prefix) for n, row in rows]
-    return _grouped(rows, mapping, tasks, source, origin, id_prefix, unit)
+        return [
+            _single(n, row, mapping, tasks, source, _place(origin, unit, n, lines), id_prefix)
+            for n, row in rows
+        ]
+    return _grouped(rows, mapping, tasks, source, origin, id_prefix, unit, lines)
+
+
+def _place(origin: dict, unit: str, n: int, lines: dict[int, int]) -> dict:
+    return {**origin, unit: n, "line": lines[n]} if n in lines else {**origin, unit: n}
 
 
 def _row_id(n: int, row: dict, mapping: ColumnMapping, id_prefix: str) -> str:
@@ -121,18 +166,19 @@ def row_split(row: dict, mapping: ColumnMapping) -> object:
 
 
 def _single(n, row, mapping, tasks, source, meta, id_prefix) -> dict:
-    labels = row_labels(row, mapping, tasks)
+    text = plain(row.get(mapping.text_column))
+    labels, converted = align_labels(text, row_labels(row, mapping, tasks, meta), tasks)
     record = {
         "id": _row_id(n, row, mapping, id_prefix),
-        "text": plain(row.get(mapping.text_column)),
+        "text": text,
         "source": source,
         "annotations": {GOLD_ANNOTATOR: labels} if labels else {},
-        "meta": meta,
+        "meta": note_converted(meta, converted),
     }
     return with_split(record, row_split(row, mapping)) if mapping.split_column else record
 
 
-def _grouped(rows, mapping, tasks, source, origin, id_prefix, unit) -> list[dict]:
+def _grouped(rows, mapping, tasks, source, origin, id_prefix, unit, lines) -> list[dict]:
     """One record per id (or text); one annotation per row. Conflicting rows become malformed records."""
     records: list[dict] = []
     by_key: dict[str, dict] = {}
@@ -141,7 +187,7 @@ def _grouped(rows, mapping, tasks, source, origin, id_prefix, unit) -> list[dict
         record_id = _row_id(n, row, mapping, id_prefix)
         key = record_id if mapping.id_column else str(text)
         annotator = plain(row.get(mapping.annotator_column))
-        meta = {**origin, unit: n}
+        meta = _place(origin, unit, n, lines)
         record = by_key.get(key)
         error = None
         if annotator is None or annotator == "":
@@ -158,12 +204,16 @@ def _grouped(rows, mapping, tasks, source, origin, id_prefix, unit) -> list[dict
             records.append(malformed(f"{record_id}@{unit}{n}", source, meta, error))
             continue
         if record is None:
-            meta = {**origin, unit + "s": []}
+            meta = {**origin, unit + "s": [], **({"lines": []} if lines else {})}
             record = {"id": record_id, "text": text, "source": source, "annotations": {}, "meta": meta}
             if mapping.split_column:
                 record = with_split(record, row_split(row, mapping))
             by_key[key] = record
             records.append(record)
-        record["annotations"][str(annotator)] = row_labels(row, mapping, tasks)
+        labels, converted = align_labels(text, row_labels(row, mapping, tasks, meta), tasks)
+        record["annotations"][str(annotator)] = labels
+        note_converted(record["meta"], converted)
         record["meta"][unit + "s"].append(n)
+        if n in lines:
+            record["meta"]["lines"].append(lines[n])
     return records
