@@ -1,7 +1,8 @@
 """Stage train: SFT of models/base on the processed train split (HF Trainer, DeepSpeed when configured).
 
-Launched by dvc.yaml as `deepspeed --num_gpus ${train.num_processes} scripts/train.py ...`; with
-`train.deepspeed: null` (and num_processes 1) it is also fine to run `python scripts/train.py ...` directly.
+Launched by dvc.yaml as `python -m deepseek_sft.train.launch --num_gpus ${train.num_processes} scripts/train.py ...`
+(deepspeed's launcher on a free port, after clearing a killed run's leftovers); with `train.deepspeed: null` (and
+num_processes 1) it is also fine to run `python scripts/train.py ...` directly.
 """
 
 from __future__ import annotations

@@ -72,7 +72,8 @@ def check_launch(params: TrainParams) -> None:
     if launched != params.num_processes:
         raise ParamsError(
             f"train.num_processes={params.num_processes} but {launched} process(es) were launched on this node; "
-            f"launch with `deepspeed --num_gpus {params.num_processes} scripts/train.py ...` (as dvc.yaml does) "
+            f"launch with `python -m deepseek_sft.train.launch --num_gpus {params.num_processes} scripts/train.py ...` "
+            "(as dvc.yaml does) "
             "or change train.num_processes"
         )
     if params.deepspeed is not None and "RANK" not in os.environ:
