@@ -11,9 +11,10 @@ import pytest
 import yaml
 
 from deepseek_sft.clean import clean_lines
-from deepseek_sft.config import load_section
+from deepseek_sft.config import TaskSpec, load_section
 from deepseek_sft.fetch import fetch
 from deepseek_sft.fetch.spans import canonical_spans, utf16_to_chars
+from deepseek_sft.fetch.tables import label_value
 from deepseek_sft.io import DataError
 from deepseek_sft.label_qa import label_qa
 from deepseek_sft.records import GOLD_ANNOTATOR
@@ -28,6 +29,9 @@ SLOT_TASKS = {
         "answer_format": "items",
     },
 }
+
+
+SLOT_TASKS_SPEC = {name: TaskSpec(**spec) for name, spec in SLOT_TASKS.items()}
 
 
 def write_params(tmp_path: Path, local: dict, tasks: dict | None = None) -> Path:
@@ -111,6 +115,8 @@ def test_nlupp_folds_by_glob_keep_multi_label_intents_and_slot_spans(tmp_path):
         {"start": 26, "end": 45, "type": "time_from", "text": "9 05 in the morning"},
     ]
     assert records[0]["annotations"][GOLD_ANNOTATOR]["entities"] == []  # no slots: labelled, no entities
+    assert label_value("intent", [], SLOT_TASKS_SPEC, "+") is None  # an empty list: no label, not ""
+    assert label_value("intent", ["b", "a", "b"], SLOT_TASKS_SPEC, "+") == "a+b"
     result = cleaned(tmp_path, records[:3])
     # the stated text of person_name disagrees with its offsets: the record's only annotation is dropped
     assert [(r["reason"], r["id"]) for r in result.rejects] == [("span_text_mismatch", "fold0-3")]

@@ -79,7 +79,8 @@ def label_value(field: str, value: Any, tasks: dict[str, TaskSpec], join: str | 
     if value == "":
         return None
     if join is not None and isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return join.join(sorted(set(value)))  # sorted: the same set of labels is the same label
+        # sorted: the same set of labels is the same label; an empty list is no label (like an empty cell)
+        return join.join(sorted(set(value))) or None
     return value
 
 
