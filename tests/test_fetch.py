@@ -375,6 +375,13 @@ def test_hf_loads_a_local_folder_of_csv_files(tmp_path, offline_datasets):
     assert records[1]["annotations"] == {GOLD_ANNOTATOR: {"intent": "balance_inquiry"}}
     with pytest.raises(DataError, match=r"Unknown split"):
         hf_records(tmp_path, path=str(folder), split="validation")
+    # a list of splits keeps each record's own split, for label_qa to keep
+    both = hf_records(tmp_path, path=str(folder), split=["train", "test"], label_columns={"intent": "label"})
+    assert [(r["id"], r["split"]) for r in both] == [
+        ("ds-train-1", "train"),
+        ("ds-test-1", "test"),
+        ("ds-test-2", "test"),
+    ]
 
 
 def test_hf_loads_a_save_to_disk_folder(tmp_path, offline_datasets):

@@ -14,7 +14,8 @@ Raw record (data/raw/records.jsonl, written by fetch; one JSON object per line):
 
 Label fields inside an annotation are named by `tasks.<name>.field` in params.yaml. A classification
 field holds a string label; an extraction field holds a list of entity spans; a generation field holds
-a string. Spans are character offsets into `text`, end exclusive. Data with a single label column (a
+a string. Spans are character offsets into `text`, end exclusive; a span may also state its `text`
+(Label Studio's value.text, NLU++ slot text), which clean checks against text[start:end]. Data with a single label column (a
 public dataset) has exactly one annotator, conventionally named "gold".
 
 `split` is present only when the dataset comes with its own split (a split column, or one file per split):

@@ -91,7 +91,11 @@ class HfParams(ColumnMapping):
 
     path: str | None = Field(default=None, description="hub dataset id or local directory")
     name: str | None = Field(default=None, description="dataset config name")
-    split: str = Field(default="train", description="split to load")
+    split: str | list[str] = Field(
+        default="train",
+        description="split to load; a list (e.g. [train, test]) loads each and keeps it as the dataset's own "
+        "split (label_qa carves val from train; names such as validation map to val)",
+    )
     revision: str | None = Field(default=None, description="pinned git revision (required for hub ids)")
     trust_remote_code: bool = Field(default=False, description="allow dataset scripts to run code")
 
