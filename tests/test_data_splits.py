@@ -191,3 +191,25 @@ def test_changing_clean_min_chars_moves_only_the_records_it_removes(tmp_path):
         lost
     )
     assert loose.metrics["test_fingerprint"] != strict.metrics["test_fingerprint"]
+
+
+def test_train_per_label_caps_train_only_with_nested_subsets(tmp_path):
+    train = write_csv(tmp_path / "train.csv", english_rows(400, "train"))
+    test = write_csv(tmp_path / "test.csv", english_rows(60, "test"))
+    local = {"path": {"train": str(train), "test": str(test)}}
+    results = {}
+    for cap in (None, 10, 30):
+        root = tmp_path / str(cap)
+        root.mkdir()
+        _, _, results[cap] = pipeline(write_params(root, local, label_qa={"train_per_label": cap}))
+    full = results[None]
+    for cap in (10, 30):
+        splits, m = results[cap].splits, results[cap].metrics
+        counts = {c: sum(r["intent"] == c for r in splits["train"]) for c in CATEGORIES}
+        assert counts == dict.fromkeys(CATEGORIES, cap)
+        assert m["train_left_out_by_cap"] == len(full.splits["train"]) - 4 * cap  # counted, not lost silently
+        for name in ("val", "test"):  # only train shrinks
+            assert [r["id"] for r in splits[name]] == [r["id"] for r in full.splits[name]]
+        assert m["test_fingerprint"] == full.metrics["test_fingerprint"]
+    ids = {cap: {r["id"] for r in results[cap].splits["train"]} for cap in (10, 30)}
+    assert ids[10] < ids[30]  # nested: a learning curve over data size adds records, never swaps them

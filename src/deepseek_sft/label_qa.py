@@ -29,7 +29,7 @@ from .label_qa_agreement import (
     measure_agreement,
 )
 from .label_qa_plots import write_reports
-from .label_qa_split import label_deviation, split_fingerprint, split_given, split_records
+from .label_qa_split import cap_per_label, label_deviation, split_fingerprint, split_given, split_records
 from .records import SPLITS, entity
 
 __all__ = ["AgreementGateError", "QaResult", "label_qa", "load_interim", "run_label_qa", "split_records"]
@@ -259,6 +259,14 @@ def label_qa(records: list[dict], params: StageParams, source: str = "input") ->
         log.info("kept the dataset's own split%s", "; val carved from train" if carved else "")
     else:
         splits = split_records(adjudicated, cfg.val_fraction, cfg.test_fraction, params.seed, cfg.split_key)
+    if cfg.train_per_label is not None:
+        if cfg.stratify_by is None:
+            raise DataError("label_qa.train_per_label needs label_qa.stratify_by: the label to cap per")
+        splits["train"], capped = cap_per_label(
+            splits["train"], cfg.stratify_by, cfg.train_per_label, params.seed, cfg.split_key
+        )
+        split_metrics["train_left_out_by_cap"] = capped
+        log.info("label_qa.train_per_label=%d: %d train records left out", cfg.train_per_label, capped)
     if cfg.stratify_by is not None:
         split_metrics.update(label_deviation(splits, cfg.stratify_by))
     split_metrics.update(split_fingerprint(splits["test"]))

@@ -132,3 +132,20 @@ def split_fingerprint(test: Iterable[dict]) -> dict[str, int | str]:
     ids = sorted(str(r["id"]) for r in test)
     digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:12]
     return {"test_fingerprint_count": len(ids), "test_fingerprint": digest}
+
+
+def cap_per_label(
+    train: list[dict], field: str, limit: int, seed: int, by: str = "text"
+) -> tuple[list[dict], int]:
+    """At most `limit` train records per value of `field`: those with the lowest seeded hash, so a smaller cap
+    keeps a subset of a larger one (nested learning-curve points). Returns (kept, left out)."""
+    ranked = sorted(train, key=lambda r: unit_hash(seed, split_key(r, by), "cap"))
+    seen: dict[str, int] = {}
+    kept = []
+    for record in ranked:
+        label = str(record.get(field))
+        if seen.get(label, 0) < limit:
+            seen[label] = seen.get(label, 0) + 1
+            kept.append(record)
+    order = {id(r): i for i, r in enumerate(train)}
+    return sorted(kept, key=lambda r: order[id(r)]), len(train) - len(kept)

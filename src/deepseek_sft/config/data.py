@@ -125,6 +125,12 @@ class LabelQaParams(Section):
         description="classification field whose class shares each split should keep (the hash split keeps "
         "them approximately; stratify_deviation_<split> in metrics says how well); null = none",
     )
+    train_per_label: int | None = Field(
+        default=None,
+        ge=1,
+        description="keep at most N train records per stratify_by label (nested subsets: a learning curve over "
+        "data size by params only); val and test are untouched; null = all",
+    )
     split_key: Literal["text", "id"] = Field(
         default="text",
         description="what a record's split is hashed from: its normalised text (identical texts stay "
