@@ -44,3 +44,13 @@ def test_smollm2_then_banking77_is_the_documented_real_data_setup(params):
     assert base.name_or_path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
     assert load_section("train", params).section.learning_rate == pytest.approx(2.0e-4)
     assert load_section("train", params).section.deepspeed is None
+
+
+def test_a_profile_replaces_a_block_list_as_dvc_writes_it(params, tmp_path):
+    # DVC's writer puts list items at their key's indent (`methods:` then `- synonym`); a profile must replace
+    # the whole list, never leave it silently as it was
+    profile = tmp_path / "lists.yaml"
+    profile.write_text("augment:\n  methods: [structure]\ntasks:\n  intent:\n    labels: null\n")
+    apply_profile(profile, params)
+    assert load_section("augment", params).section.methods == ["structure"]
+    assert load_section("augment", params).tasks["intent"].labels is None

@@ -570,11 +570,22 @@ def test_shipped_profiles_apply_to_valid_params_and_keep_the_rest(tmp_path, prof
     for key, value in overlay["train"].items():
         if not isinstance(value, dict):
             assert getattr(merged["train"], key) == value, key
-    assert keys and all(k.split(".")[0] in {"train", "base_model"} for k in keys)
-    text = params.read_text(encoding="utf-8")
-    # untouched sections are byte-identical, comments included
-    assert text.split("\nbase_model:")[0] == original.split("\nbase_model:")[0]
-    assert "# prompt + answer tokens" in text
+    assert keys and all(k.split(".")[0] in overlay for k in keys)
+    # the sections the profile does not name are byte-identical, comments included
+    before, after = top_level_sections(original), top_level_sections(params.read_text(encoding="utf-8"))
+    assert {name: before[name] for name in before if name not in overlay} == {
+        name: after[name] for name in after if name not in overlay
+    }
+
+
+def top_level_sections(text: str) -> dict[str, str]:
+    """params.yaml text split at its top-level keys: {section name: its lines}."""
+    sections, name = {}, ""
+    for line in text.splitlines():
+        if line and not line[0].isspace() and not line.startswith("#") and ":" in line:
+            name = line.split(":", 1)[0]
+        sections[name] = sections.get(name, "") + line + "\n"
+    return sections
 
 
 def test_profile_flags_and_invalid_profiles(tmp_path):

@@ -159,7 +159,9 @@ def _block_end(lines: list[str], start: int, end: int, indent: int | None = None
         if not stripped or stripped.startswith("#"):
             continue
         column = len(lines[i]) - len(lines[i].lstrip())
-        if indent is not None and column <= indent:
+        # DVC writes a block list at its key's own indent (`labels:` then `- a`): those items still belong to it
+        item_of_key = column == indent and stripped.startswith("- ")
+        if indent is not None and column <= indent and not item_of_key:
             break
         last = i + 1
     return last
