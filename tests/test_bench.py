@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers import DeepseekV3ForCausalLM
 
 from deepseek_sft.base_model import count_parameters
 from deepseek_sft.bench.flops import attention_context, flops_per_token, matmul_peak, mfu
@@ -20,12 +20,12 @@ from deepseek_sft.config.bench import parse_layout
 from deepseek_sft.sft_data import IGNORE_INDEX, make_collator
 from deepseek_sft.tokenizer_build import train_bpe_tokenizer
 
-from conftest import edit_params
+from conftest import edit_params, tiny_v3_config
 
 torch.set_num_threads(1)
 
 
-def tiny_config(**overrides) -> DeepseekV3Config:
+def tiny_config(**overrides):
     """hidden 8, 2 heads (MLA), 2 layers (1 dense + 1 MoE: 4 routed experts, top-2, 1 shared), vocab 10."""
     fields = dict(
         vocab_size=10,
@@ -50,7 +50,7 @@ def tiny_config(**overrides) -> DeepseekV3Config:
         bos_token_id=1,
         eos_token_id=2,
     )
-    return DeepseekV3Config(**(fields | overrides))
+    return tiny_v3_config(**(fields | overrides))  # every field given: the hand counts below depend on them
 
 
 def test_flops_per_token_matches_a_hand_count():

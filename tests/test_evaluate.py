@@ -20,68 +20,31 @@ import pytest
 import torch
 from nbclient import NotebookClient
 
-import deepseek_sft.base_model as bm
 from deepseek_sft.base_model import PROVENANCE_FILE
 from deepseek_sft.config import load_section
 from deepseek_sft.config.data import TaskSpec
 from deepseek_sft.config.evaluate import EvaluateParams
-from deepseek_sft.config.model import TinyDeepseekParams
 from deepseek_sft.evaluate import stage
 from deepseek_sft.evaluate.core import ModelResults, check_records, score_answers
 from deepseek_sft.evaluate.summary import headline_table, verdict_lines
-from deepseek_sft.fetch.synthetic import generate, layer_spec
 from deepseek_sft.io import DataError, read_jsonl, write_jsonl
 from deepseek_sft.tasks import format_response
 
-from conftest import REPO, edit_params
+from conftest import REPO, build_tiny_checkpoint, edit_params, synthetic_processed_records, tiny_params
 
 torch.set_num_threads(1)  # tiny matrices: extra OpenMP threads only add sync (and stall on shared cores)
 
-TINY = TinyDeepseekParams(
-    hidden_size=32,
-    intermediate_size=64,
-    moe_intermediate_size=16,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    q_lora_rank=16,
-    kv_lora_rank=16,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=8,
-    v_head_dim=8,
-    n_routed_experts=4,
-    n_group=2,
-    topk_group=1,
-    num_experts_per_tok=2,
-    max_position_embeddings=512,
-    tokenizer={"vocab_size": 600, "min_frequency": 2},
-)
+TINY = tiny_params()  # the shared test shape (tests/conftest.py)
 
 
 def processed_records(n: int, seed: int) -> list[dict]:
     """Processed-split records (the data contract) from the synthetic generator's ground truth."""
-    tasks = load_section("evaluate").tasks
-    raw = generate(n, seed, {"ann_a": 0.0, "ann_b": 0.0, "ann_c": 0.0}, layer_spec(tasks))
-    out = []
-    for r in raw:
-        truth = r["meta"]["truth"]
-        entities = [s | {"text": r["text"][s["start"] : s["end"]]} for s in truth["entities"]]
-        out.append(
-            {
-                "id": f"{r['id']}-{seed}",
-                "text": r["text"],
-                "intent": truth["intent"],
-                "compliance": truth["compliance"],
-                "entities": entities,
-            }
-        )
-    return out
+    return synthetic_processed_records(n, seed, load_section("evaluate").tasks)
 
 
 def build_tiny_model(out_dir: Path, train: list[dict], seed: int) -> Path:
     """A randomly initialised tiny DeepSeek-V3 (via base_model.build_tiny) saved like models/base."""
-    model, tokenizer = bm.build_tiny(TINY, train, load_section("evaluate").tasks, seed)
-    bm.save_base(model, tokenizer, out_dir)
-    return out_dir
+    return build_tiny_checkpoint(out_dir, train, load_section("evaluate").tasks, seed, TINY)
 
 
 def make_tiny_models(root: Path) -> dict[str, Path]:

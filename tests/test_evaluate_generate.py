@@ -34,19 +34,16 @@ from deepseek_sft.evaluate.perplexity import perplexity_by_task, response_nll
 from deepseek_sft.evaluate.prefix import answer_stop, viable_prefix
 from deepseek_sft.sft_data import build_examples, encode_prompt
 from deepseek_sft.tasks import parse_response
-from test_evaluate import TINY, make_tiny_models, processed_records
+from test_evaluate import processed_records
+
+from conftest import tiny_params
 
 torch.set_num_threads(1)  # tiny matrices: extra OpenMP threads only add sync (and stall on shared cores)
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    return make_tiny_models(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_models):
-    model, tokenizer = load_model_and_tokenizer(tiny_models["sft"])
+def loaded(tiny_checkpoint):
+    model, tokenizer = load_model_and_tokenizer(tiny_checkpoint)
     return model, tokenizer
 
 
@@ -140,7 +137,7 @@ def test_response_perplexity_matches_the_model_loss(loaded, tasks):
     assert ppl["intent"]["perplexity"] == pytest.approx(math.exp(total / count))
 
 
-def test_latency_and_memory(loaded, tasks, tiny_models):
+def test_latency_and_memory(loaded, tasks, tiny_checkpoint):
     model, tokenizer = loaded
     prompts = [encode_prompt(tokenizer, tasks["intent"], r["text"]) for r in processed_records(3, seed=9)]
     with PeakMemory() as memory:
@@ -152,11 +149,11 @@ def test_latency_and_memory(loaded, tasks, tiny_models):
     assert 0 < lat["decode_ms_per_token_p50"] <= lat["decode_ms_per_token_p95"]
     assert lat["decode_tokens_per_s"] == pytest.approx(1000 / lat["decode_ms_per_token_mean"])
     assert memory.stats()["peak_rss_mb"] > 50
-    sizes = size_on_disk(tiny_models["sft"])
+    sizes = size_on_disk(tiny_checkpoint)
     assert 0 < sizes["size_weights_bytes"] < sizes["size_dir_bytes"]
 
 
-def test_evaluate_model_is_deterministic_and_complete(tiny_models, tasks):
+def test_evaluate_model_is_deterministic_and_complete(tiny_checkpoint, tasks):
     params = EvaluateParams(
         limit=6,
         batch_size=4,
@@ -164,8 +161,8 @@ def test_evaluate_model_is_deterministic_and_complete(tiny_models, tasks):
         efficiency={"samples": 1, "decode_tokens": 2, "warmup": 0},
     )
     records = processed_records(10, seed=9)
-    first = evaluate_model(tiny_models["base"], records, tasks, params, name="base")
-    second = evaluate_model(tiny_models["base"], records, tasks, params, name="base")
+    first = evaluate_model(tiny_checkpoint, records, tasks, params, name="base")
+    second = evaluate_model(tiny_checkpoint, records, tasks, params, name="base")
     assert len(first.rows) == 6 * 3
     assert [r["answer"] for r in first.rows] == [r["answer"] for r in second.rows]
     assert first.metrics["intent"]["perplexity"] == second.metrics["intent"]["perplexity"]
@@ -228,9 +225,7 @@ def test_character_tokens_group_byte_tokens_and_keep_multi_character_tokens_whol
 def test_constrained_batched_answers_echo_the_text_and_equal_the_naive_loop(tmp_path, tasks, answer_format):
     task = tasks["entities"].model_copy(update={"answer_format": answer_format})
     # a tokenizer built for this format (its marks or tags single tokens), one token per character as the default
-    per_character = TINY.model_copy(
-        update={"tokenizer": TINY.tokenizer.model_copy(update={"split_cjk": True})}
-    )
+    per_character = tiny_params(tokenizer={"vocab_size": 600, "min_frequency": 2, "split_cjk": True})
     model, tokenizer = bm.build_tiny(
         per_character, processed_records(200, seed=1), {**tasks, "entities": task}, 1
     )

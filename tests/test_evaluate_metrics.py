@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 from pydantic import ValidationError
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers import DeepseekV3ForCausalLM
 
 import deepseek_sft.base_model as bm
 from deepseek_sft.config import ParamsError, load_section
@@ -23,7 +23,7 @@ from deepseek_sft.evaluate.prefix import viable_prefix
 from deepseek_sft.tasks import format_response, parse_response
 from test_evaluate import processed_records
 
-from conftest import edit_params
+from conftest import edit_params, tiny_v3_config
 
 U = M.UNPARSEABLE
 
@@ -256,27 +256,7 @@ def test_long_tail_and_buckets():
     [{"q_lora_rank": None}, {"q_lora_rank": 16, "attention_bias": True}, {"tie_word_embeddings": True}],
 )
 def test_parameter_breakdown_matches_the_model(overrides):
-    cfg = DeepseekV3Config(
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=48,
-        moe_intermediate_size=16,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        n_routed_experts=4,
-        n_shared_experts=1,
-        num_experts_per_tok=2,
-        n_group=2,
-        topk_group=1,
-        first_k_dense_replace=1,
-        kv_lora_rank=16,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=8,
-        num_mtp_layers=0,
-        **overrides,
-    )
+    cfg = tiny_v3_config(vocab_size=300, intermediate_size=48, num_hidden_layers=3, **overrides)
     with torch.device("meta"):
         model = DeepseekV3ForCausalLM(cfg)
     parts = parameter_breakdown(cfg)

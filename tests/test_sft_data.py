@@ -11,7 +11,6 @@ from transformers import DeepseekV3ForCausalLM
 
 from deepseek_sft.base_model import tiny_config
 from deepseek_sft.config.data import TaskSpec
-from deepseek_sft.config.model import TinyDeepseekParams
 from deepseek_sft.io import DataError
 from deepseek_sft.sft_data import (
     IGNORE_INDEX,
@@ -22,6 +21,8 @@ from deepseek_sft.sft_data import (
 )
 from deepseek_sft.tasks import format_response
 from deepseek_sft.tokenizer_build import train_bpe_tokenizer, training_texts
+
+from conftest import tiny_params
 
 torch.set_num_threads(2)
 
@@ -218,21 +219,14 @@ def test_padding_collator_pads_labels_with_ignore_index(records, tokenizer):
 
 
 def _tiny_model(tokenizer, attn: str) -> DeepseekV3ForCausalLM:
-    params = TinyDeepseekParams(
+    params = tiny_params(  # the shared test shape, twice as wide (tests/conftest.py)
         hidden_size=64,
         intermediate_size=128,
         moe_intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
         q_lora_rank=32,
-        kv_lora_rank=16,
         qk_nope_head_dim=16,
-        qk_rope_head_dim=8,
         v_head_dim=16,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        n_group=2,
-        topk_group=1,
+        max_position_embeddings=1024,
     )
     torch.manual_seed(0)
     config = tiny_config(params, tokenizer)
