@@ -291,7 +291,11 @@ def test_script_writes_reports_then_fails_the_gate_with_numbers(tiny, params_cop
     edit_params(
         params_copy,
         {
-            "compress.methods": ["quantize", "expert_prune"],
+            "compress.methods": ["quantize", "expert_prune", "head_prune"],
+            "compress.head_prune.recovery.max_steps": 0,
+            "compress.head_prune.importance_records": 8,
+            "compress.speed.new_tokens": 4,
+            "compress.speed.repeats": 1,
             "compress.on_fail": "error",
             "compress.quantize.gate.min_size_ratio": 10.0,
             "evaluate.max_new_tokens.extraction": 8,
@@ -322,6 +326,10 @@ def test_script_writes_reports_then_fails_the_gate_with_numbers(tiny, params_cop
     assert metrics["quantize_quantized_share_non_embedding"] >= 0.95
     assert 3.4 < metrics["quantize_size_ratio"] < 4.0
     assert metrics["expert_prune_experts_after"] == 2
+    assert (metrics["head_prune_heads_before"], metrics["head_prune_heads_after"]) == (2, 1)
+    for method in ("quantize", "expert_prune", "head_prune"):  # the side-by-side batch-1 run, every variant
+        assert metrics[f"{method}_decode_speedup"] > 0 and metrics[f"{method}_prefill_speedup"] > 0
+        assert metrics[f"{method}_peak_rss_mb"] > 50
     for name in (
         "comparison.csv",
         "comparison.md",
@@ -329,6 +337,7 @@ def test_script_writes_reports_then_fails_the_gate_with_numbers(tiny, params_cop
         "latency_vs_f1.csv",
         "plots/size_vs_f1.png",
         "plots/latency_vs_f1.png",
+        "plots/summary.png",
     ):
         assert (tmp_path / "reports" / name).stat().st_size > 0
     assert is_compressed(tmp_path / "compressed" / "quantize")

@@ -15,10 +15,21 @@ TABLE_COLUMNS = [
     "size_weights_mb",
     "size_ratio",
     "params_ratio",
+    "peak_rss_mb",
+    "prefill_speedup",
     "decode_ms_per_token",
     "decode_speedup",
     "batched_speedup",
     "gate_passed",
+]
+
+# the panels of plots/summary.png: (column, title); speed-ups and size ratio > 1 = better than SFT
+SUMMARY_PANELS = [
+    ("size_weights_mb", "weights on disk (MiB)"),
+    ("peak_rss_mb", "peak memory, evaluation (MiB)"),
+    ("prefill_speedup", "prefill speed-up vs SFT (batch 1)"),
+    ("decode_speedup", "decode speed-up vs SFT (batch 1)"),
+    ("relative_f1_loss", "relative F1 loss vs SFT (gate: red = failed)"),
 ]
 
 
@@ -98,8 +109,34 @@ def tradeoff_plot(rows: list[dict], x: str, xlabel: str, path: Path) -> None:
     plt.close(fig)
 
 
+def summary_plot(rows: list[dict], path: Path) -> None:
+    """One bar chart per SUMMARY_PANELS column, one bar per model; failed gates drawn red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["model"] for r in rows]
+    colors = [
+        "tab:gray" if r["gate_passed"] == "" else ("tab:green" if r["gate_passed"] else "tab:red")
+        for r in rows
+    ]
+    fig, axes = plt.subplots(1, len(SUMMARY_PANELS), figsize=(4 * len(SUMMARY_PANELS), 3.6))
+    for ax, (column, title) in zip(axes, SUMMARY_PANELS, strict=True):
+        values = [float(r.get(column, math.nan)) for r in rows]
+        ax.bar(names, [v if math.isfinite(v) else 0.0 for v in values], color=colors)
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="x", rotation=45, labelsize=8)
+        if column.endswith("speedup"):
+            ax.axhline(1.0, color="black", linewidth=0.8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
 def write_comparison(rows: list[dict], reports_dir: Path) -> None:
-    """Table (CSV, Markdown), the two trade-offs as DVC plot data (CSV) and as PNG."""
+    """Table (CSV, Markdown), the two trade-offs as DVC plot data (CSV) and as PNG, and the summary bars."""
     write_table(rows, reports_dir / "comparison.csv", reports_dir / "comparison.md")
     write_tradeoff_csv(rows, "size_weights_mb", reports_dir / "size_vs_f1.csv")
     write_tradeoff_csv(rows, "decode_ms_per_token", reports_dir / "latency_vs_f1.csv")
@@ -107,3 +144,4 @@ def write_comparison(rows: list[dict], reports_dir: Path) -> None:
     tradeoff_plot(
         rows, "decode_ms_per_token", "decode latency (ms/token)", reports_dir / "plots" / "latency_vs_f1.png"
     )
+    summary_plot(rows, reports_dir / "plots" / "summary.png")

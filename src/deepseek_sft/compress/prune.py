@@ -2,12 +2,14 @@
 
 The saved variant is really smaller: each pruned tensor is stored as its kept values plus a 1-bit mask
 (storage.py), ~(1 - sparsity) + 1/32 of the dense float32 bytes; it is rebuilt dense on load, so pruning
-saves disk and download, not compute (unstructured sparsity has no fast CPU kernel in torch).
+saves disk and download, not compute (unstructured sparsity has no fast CPU kernel in torch). Beside it,
+`save_dense_copy` writes the same weights as an ordinary checkpoint (`<dir>_dense`) that any tool reads.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -91,11 +93,17 @@ def prune_model(
     return targets
 
 
+def dense_copy_dir(out_dir: str | os.PathLike) -> Path:
+    """Where the dense copy of the packed variant in `out_dir` goes: the sibling `<name>_dense`."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(out_dir.name + "_dense")
+
+
 def save_pruned(
     model, tokenizer, out_dir: str | os.PathLike, names: list[str], sparsity: float, scope: str
 ) -> None:
-    """Save a pruned model with the pruned tensors packed as values + bitmask."""
-    from .storage import save_compressed, sparse_state
+    """Save a pruned model with the pruned tensors packed as values + bitmask, and its dense copy."""
+    from .storage import save_compressed, save_plain, sparse_state
 
     params = dict(model.named_parameters())
     tensors = {n: list(params[n].shape) for n in names}
@@ -106,5 +114,7 @@ def save_pruned(
         "scope": scope,
         "tensors": tensors,
     }
+    dense = dense_copy_dir(out_dir)
     with torch.no_grad():
-        save_compressed(model, tokenizer, out_dir, sparse_state(model, names), marker)
+        save_compressed(model, tokenizer, out_dir, sparse_state(model, names), marker, dense_copy=str(dense))
+        save_plain(model, tokenizer, dense, {"dsft_pruning": {"packed": str(out_dir), "sparsity": sparsity}})

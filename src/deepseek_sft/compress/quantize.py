@@ -6,13 +6,21 @@ DeepSeek-V3 layer's routed experts as two 3-D parameters (`experts.gate_up_proj`
 per-output-channel scales (per expert and output channel for the 3-D tensors): q = round(w / s), s = max|w| / 127.
 
 Compute (`kernel`):
+- ``dynamic_int8`` (default): torch's x86/fbgemm int8 GEMM (`quantized::linear_dynamic`), activations quantized
+  per row at each call: a real int8 kernel, faster than float32 at batch 1 on CPU (the reason to quantize here).
+  It needs torch's quantized tensor type, which torch 2.13 deprecates but still ships. Off the CPU it falls back
+  to ``dequant``.
 - ``dequant``: the matmul runs on the int8 weights converted to the activation dtype on the fly, the scale applied
-  to the output (x @ q^T * s == x @ (q * s)^T); results are exact to the int8 weights on any device.
-- ``dynamic_int8``: torch's x86/fbgemm int8 GEMM (`quantized::linear_dynamic`), activations quantized per call.
-  Faster on CPU for batches, slightly less exact. It needs torch's quantized tensor type, which torch 2.13
-  deprecates, so it stays an option.
-int4 is not offered: torch has only private int4 CPU kernels (`_weight_int4pack_mm_for_cpu`) and the maintained
-library for them (torchao) is not part of this stack.
+  to the output (x @ q^T * s == x @ (q * s)^T); exact to the int8 weights on any device, not faster.
+
+Why not torchao (the library transformers integrates, `TorchAoConfig`), checked with torchao 0.18.0 on torch 2.13:
+its CPU int8 paths are slower than float32 in eager mode at batch 1 (per linear of SmolLM2's shapes,
+`Int8DynamicActivationInt8WeightConfig` 4-8x slower, `Int8WeightOnlyConfig` (dequantize-then-matmul) 2x slower,
+fbgemm 2.7-4x faster); and its configs quantize `nn.Linear` only: an `FqnToConfig` entry can turn the fused 3-D
+expert tensors (`experts.gate_up_proj`) into an `Int8Tensor`, but transformers' expert forward then fails
+(`aten.transpose` is not implemented for it). So the checkpoint stays in this project's format, which plain
+`from_pretrained` refuses with a message saying how to load it (storage.py).
+int4 is not offered: torch has only private int4 CPU kernels (`_weight_int4pack_mm_for_cpu`).
 """
 
 from __future__ import annotations
@@ -249,7 +257,7 @@ def apply_plan(model: nn.Module, plan: dict[str, list[str]], kernel: str, quanti
 
 
 def quantize_model(
-    model: nn.Module, kernel: str = "dequant", embeddings: bool = True
+    model: nn.Module, kernel: str = "dynamic_int8", embeddings: bool = True
 ) -> dict[str, list[str]]:
     """Quantize `model` in place; return the plan (what was quantized), which the saved config records."""
     plan = plan_quantization(model, embeddings)
@@ -290,8 +298,9 @@ def quantized_share(model: nn.Module) -> dict[str, float]:
 def quantization_config(plan: dict[str, list[str]], kernel: str) -> dict:
     """The `quantization_config` written to config.json: what a reader of the checkpoint needs to know."""
     return {
-        "quant_method": "dsft_int8_weight_only",
+        "quant_method": "dsft_int8",
         "bits": 8,
+        "activations": "int8, dynamic per row at each call" if kernel == "dynamic_int8" else "float",
         "symmetric": True,
         "granularity": "per output channel (per expert and output channel for fused experts, per row for "
         "embeddings; a tied lm_head shares the embedding's table and scales)",

@@ -1,9 +1,11 @@
 """The compress stage: build every variant, evaluate them and the SFT model alike, compare, report, then gate.
 
 Outputs:
-  models/compressed/<method>/        one loadable checkpoint per method (quantize, prune, expert_prune, distill)
+  models/compressed/<method>/        one checkpoint per method (quantize, prune, expert_prune, head_prune, distill);
+                                     quantize and prune are packed (load_compressed; plain transformers refuses
+                                     them with that hint), prune_dense/ is the pruned model as a plain checkpoint
   reports/compress/metrics.json      flat `<method>_<metric>` numbers (size ratio, speed-ups, F1 deltas, gates)
-  reports/compress/comparison.{csv,md}, {size,latency}_vs_f1.csv, plots/{size,latency}_vs_f1.png
+  reports/compress/comparison.{csv,md}, {size,latency}_vs_f1.csv, plots/{size,latency}_vs_f1.png, plots/summary.png
   reports/compress/details.json      build details (e.g. router load and kept experts) and full eval metrics
 Reports are written before the gates are enforced, so a failing run still shows why.
 """
@@ -24,6 +26,7 @@ from ..evaluate.stage import evaluate_all
 from ..io import write_json, write_metrics
 from . import compare as C
 from . import gates as G
+from . import speed as S
 from .variants import build_variant
 
 log = logging.getLogger(__name__)
@@ -105,19 +108,25 @@ def run_compress(
         )
     models = {"sft": sft_dir} | {method: out_root / method for method in params.methods}
     results = evaluate_all(models, test, tasks, eval_params, load_options, seed, evaluator=evaluate_dir)
+    speed = S.measure_all(models, load_options, seed=seed, **params.speed.model_dump())
     reference = results["sft"].flat()
     comparisons, outcomes = {}, []
     for method in params.methods:
         comparisons[method] = G.compare_to_reference(reference, results[method].flat(), tasks)
+        # batch-1 speed and peak memory from the side-by-side run (evaluation's workers mix several models)
+        comparisons[method] |= S.speedups(speed["sft"], speed[method])
         comparisons[method]["eval_s"] = results[method].efficiency["total_s"]
         outcomes.append(G.check_gate(method, comparisons[method], getattr(params, method).gate))
     passed = {o.method: o.passed for o in outcomes}
-    sft_row = G.compare_to_reference(reference, reference, tasks)
+    sft_row = G.compare_to_reference(reference, reference, tasks) | S.speedups(speed["sft"], speed["sft"])
     C.write_comparison(C.table_rows(comparisons, sft_row, passed), reports_dir)
     numeric_builds = {m: {k: v for k, v in b.items() if k != "details"} for m, b in builds.items()}
     metrics = C.flat_metrics(comparisons, passed, numeric_builds)
     metrics |= {"sft_f1": sft_row["f1"], "sft_size_weights_mb": sft_row["size_weights_mb"]}
-    metrics |= {"sft_decode_ms_per_token": sft_row["decode_ms_per_token"]}
+    metrics |= {
+        "sft_decode_ms_per_token": sft_row["decode_ms_per_token"],
+        "sft_peak_rss_mb": sft_row["peak_rss_mb"],
+    }
     metrics["seconds"] = time.perf_counter() - started
     write_metrics(reports_dir / "metrics.json", metrics)
     write_json(
@@ -126,6 +135,7 @@ def run_compress(
             "builds": builds,
             "evaluations": {name: result.flat() for name, result in results.items()},
             "gates": [o.__dict__ for o in outcomes],
+            "speed": speed,
         },
     )
     log.info("compress stage: %d variant(s) in %.1fs", len(params.methods), metrics["seconds"])

@@ -13,31 +13,51 @@ Marked checkpoints keep transformers' in-memory tensor names (fused `experts.gat
 `save_pretrained` would convert back to per-expert tensors; `load_compressed` loads them into the same modules.
 
 `is_compressed(path)` tells base_model.load_model_and_tokenizer (and so evaluate and serve) to delegate here.
-Loading with plain `from_pretrained` would NOT work on a marked checkpoint (its weights have other names).
+
+Plain `from_pretrained` cannot read a marked checkpoint (its weights have other names), and it must not build a
+float model with freshly initialised weights in silence (an unknown `quantization_config` only warns). So the
+saved config.json's ``model_type`` is replaced by a sentence saying how to load the directory (the real one is
+kept in the marker): transformers then stops with "has model type `<that sentence>` but Transformers does not
+recognize this architecture". A pruned variant also gets a dense sibling `<dir>_dense` that any tool reads.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
+from transformers import (
+    CONFIG_MAPPING,
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+)
 from transformers.initialization import no_init_weights
 
 from ..io import write_json
 
 MARKER = "dsft_compression"
 WEIGHTS = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config.json model_type replaced by the loading hint (1: the real model_type)
 SPARSE_VALUES, SPARSE_MASK = ".sparse_values", ".sparse_mask"
 
 
 class CompressedCheckpointError(ValueError):
     """A compressed checkpoint is missing pieces or does not match its config."""
+
+
+def loading_hint(method: str, dense_copy: str | None = None) -> str:
+    """The text written as config.json's model_type: what plain transformers shows when it refuses the directory."""
+    hint = f"deepseek_sft-{method}-packed; load it with deepseek_sft.compress.load_compressed(dir)"
+    return hint + (f" or read the dense copy {dense_copy}" if dense_copy else "")
 
 
 def read_marker(path: str | os.PathLike) -> dict | None:
@@ -93,9 +113,10 @@ def save_compressed(
     state: dict[str, torch.Tensor],
     marker: dict | None,
     extra_config: dict | None = None,
+    dense_copy: str | None = None,
 ) -> None:
-    """Write a checkpoint directory atomically: `state` as safetensors, config.json (+ marker), generation config,
-    tokenizer."""
+    """Write a checkpoint directory atomically: `state` as safetensors, config.json (+ marker, and the loading
+    hint in place of model_type, see the module doc), generation config, tokenizer."""
     from ..base_model import staged_dir
 
     with staged_dir(out_dir) as tmp:
@@ -103,7 +124,9 @@ def save_compressed(
         model.config.save_pretrained(tmp)
         config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
         if marker is not None:
-            config[MARKER] = {"format_version": FORMAT_VERSION, **marker}
+            real_type = config["model_type"]
+            config[MARKER] = {"format_version": FORMAT_VERSION, "model_type": real_type, **marker}
+            config["model_type"] = loading_hint(marker["method"], dense_copy)
         config.update(extra_config or {})
         write_json(tmp / "config.json", config)
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
@@ -170,6 +193,23 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], so
         )
 
 
+def _real_config(path: Path, marker: dict, trust_remote_code: bool):
+    """The float model's config: config.json with the real model_type back and without the marker and the
+    quantization_config (the skeleton is a plain float model; the marker says what to swap in)."""
+    raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    raw["model_type"] = marker.get("model_type", raw["model_type"])  # format 1 kept the real one in place
+    for key in (MARKER, "quantization_config"):
+        raw.pop(key, None)
+    if raw["model_type"] in CONFIG_MAPPING:
+        return CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
+    # a remote-code architecture: its config class lives in the directory's .py files
+    with tempfile.TemporaryDirectory(prefix="dsft-config-") as tmp:
+        for code in path.glob("*.py"):
+            shutil.copy(code, tmp)
+        write_json(Path(tmp) / "config.json", raw)
+        return AutoConfig.from_pretrained(tmp, trust_remote_code=trust_remote_code)
+
+
 def load_compressed(
     path: str | os.PathLike,
     trust_remote_code: bool = False,
@@ -189,10 +229,7 @@ def load_compressed(
         )
     if not (path / WEIGHTS).is_file():
         raise CompressedCheckpointError(f"{path}: {WEIGHTS} missing")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    for key in (MARKER, "quantization_config"):
-        if hasattr(config, key):
-            delattr(config, key)  # the skeleton is a plain float model; the marker says what to swap in
+    config = _real_config(path, marker, trust_remote_code)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     options = {"attn_implementation": attn_implementation, "trust_remote_code": trust_remote_code}

@@ -17,6 +17,7 @@ from ..config.data import TaskSpec
 from ..sft_data import build_examples
 from . import distill as D
 from . import expert_prune as X
+from . import head_prune as H
 from . import prune as P
 from . import quantize as Q
 from .storage import save_plain
@@ -98,6 +99,35 @@ def build_expert_prune(
     }
 
 
+def build_head_prune(
+    load: Loader, sft_dir, out_dir, params: CompressParams, records, tasks, seed, train_params
+) -> dict:
+    """Remove the least important attention heads (scored on the train split), recover; plain checkpoint."""
+    model, tokenizer = load(sft_dir)
+    h = params.head_prune
+    started = time.perf_counter()
+    batches = H.importance_batches(
+        records[: h.importance_records], tasks, tokenizer, h.recovery.max_length, h.batch_size
+    )
+    importance = H.head_importance(model, batches)
+    score_s = time.perf_counter() - started
+    pruned, report = H.prune_heads(model, importance, h.keep_fraction)
+    del model
+    stats = _recover(pruned, tokenizer, records, tasks, h.recovery, seed, train_params)
+    save_plain(pruned, tokenizer, out_dir, {"dsft_head_pruning": report})
+    shares = report["kept_importance_share"]
+    return stats | {
+        "heads_before": report["heads_before"],
+        "heads_after": report["heads_after"],
+        "kv_heads_before": report["kv_heads_before"],
+        "kv_heads_after": report["kv_heads_after"],
+        "kept_importance_share": sum(shares) / len(shares),
+        "importance_records": min(len(records), h.importance_records),
+        "importance_s": score_s,
+        "details": report,
+    }
+
+
 def build_distill(
     load: Loader, sft_dir, out_dir, params: CompressParams, records, tasks, seed, train_params
 ) -> dict:
@@ -143,6 +173,7 @@ BUILDERS = {
     "quantize": build_quantize,
     "prune": build_prune,
     "expert_prune": build_expert_prune,
+    "head_prune": build_head_prune,
     "distill": build_distill,
 }
 

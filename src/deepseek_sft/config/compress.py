@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from .base import Section
 
-METHODS = ("quantize", "prune", "expert_prune", "distill")
+METHODS = ("quantize", "prune", "expert_prune", "head_prune", "distill")
 
 
 class GateParams(Section):
@@ -36,16 +36,16 @@ class RecoveryParams(Section):
 
 
 class QuantizeParams(Section):
-    """Weight-only int8: symmetric per-output-channel scales (per expert for the fused expert tensors)."""
+    """int8 weights with symmetric per-output-channel scales (per expert for the fused expert tensors)."""
 
     bits: Literal[8] = Field(
         default=8, description="weight bits; 8 only (no maintained int4 CPU kernel in this stack)"
     )
     kernel: Literal["dequant", "dynamic_int8"] = Field(
-        default="dequant",
-        description="matmul: dequant = int8 weights dequantized on the fly (weight-only, exact to them); "
-        "dynamic_int8 = torch's x86/fbgemm int8 GEMM, activations quantized per call (CPU only, faster "
-        "at batch > 1, less exact; uses torch's deprecated quantized tensors)",
+        default="dynamic_int8",
+        description="matmul: dynamic_int8 = torch's x86/fbgemm int8 GEMM, activations quantized per call "
+        "(CPU; faster than float32 at batch 1); dequant = int8 weights dequantized on the fly (exact to "
+        "them, any device, not faster)",
     )
     embeddings: bool = Field(
         default=True, description="also store the input embedding table as int8 (per-row scales)"
@@ -89,6 +89,28 @@ class ExpertPruneParams(Section):
     gate: GateParams = Field(
         default_factory=lambda: GateParams(max_relative_f1_loss=0.05, min_size_ratio=1.2),
         description="the pruning target (< 5% F1 loss); size gain is the routed experts' share",
+    )
+
+
+class HeadPruneParams(Section):
+    """Remove the least important attention heads (expected |dL/d gate| on the train split), same count per layer;
+    an ordinary, smaller checkpoint."""
+
+    keep_fraction: float = Field(
+        default=0.5, gt=0.0, le=1.0, description="share of attention heads kept (nearest the layout allows)"
+    )
+    importance_records: int = Field(
+        default=128, ge=1, le=1_000_000, description="train records whose SFT loss scores the heads"
+    )
+    batch_size: int = Field(default=16, ge=1, le=4096, description="examples per scoring pass")
+    recovery: RecoveryParams = Field(
+        default_factory=lambda: RecoveryParams(max_steps=50, learning_rate=1.0e-3),
+        description="short fine-tune of the smaller model",
+    )
+    gate: GateParams = Field(
+        default_factory=lambda: GateParams(max_relative_f1_loss=0.05, min_size_ratio=1.0),
+        description="guide: attention heads 32 -> 16; the pruning target (< 5% F1 loss); attention is a "
+        "small share of the weights, so no size requirement",
     )
 
 
@@ -171,10 +193,20 @@ class DistillParams(Section):
     )
 
 
+class SpeedParams(Section):
+    """Batch-1 prefill/decode speed and peak memory of every model, each in a fresh process, one at a time."""
+
+    prompt_tokens: int = Field(default=32, ge=1, le=32768, description="prompt length of the timed prefill")
+    new_tokens: int = Field(default=32, ge=1, le=32768, description="greedy cached decode steps per repeat")
+    repeats: int = Field(default=3, ge=1, le=1000, description="timed repeats (after one warm-up)")
+    threads: int = Field(default=2, ge=0, le=1024, description="torch threads per model; 0 = torch's default")
+    rounds: int = Field(default=1, ge=1, le=100, description="passes over all models; the fastest counts")
+
+
 class CompressParams(Section):
     """Stage compress: build, evaluate (with the evaluate code) and gate each compressed variant."""
 
-    methods: list[Literal["quantize", "prune", "expert_prune", "distill"]] = Field(
+    methods: list[Literal["quantize", "prune", "expert_prune", "head_prune", "distill"]] = Field(
         default_factory=lambda: list(METHODS),
         description="variants built, each saved as models/compressed/<method>",
     )
@@ -189,6 +221,8 @@ class CompressParams(Section):
     quantize: QuantizeParams = Field(default_factory=QuantizeParams)
     prune: PruneParams = Field(default_factory=PruneParams)
     expert_prune: ExpertPruneParams = Field(default_factory=ExpertPruneParams)
+    head_prune: HeadPruneParams = Field(default_factory=HeadPruneParams)
+    speed: SpeedParams = Field(default_factory=SpeedParams)
     distill: DistillParams = Field(default_factory=DistillParams)
 
     @model_validator(mode="after")
