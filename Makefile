@@ -103,7 +103,7 @@ dag: setup ## print the pipeline graph
 check-params: setup ## validate the whole params.yaml (every stage does too, before any work)
 	@python -m deepseek_sft.config
 
-serve: setup ## serve a model over HTTP + Prometheus /metrics: make serve [MODEL_DIR=models/compressed/int8]
+serve: setup ## serve a model over HTTP + Prometheus /metrics: make serve [MODEL_DIR=models/compressed/quantize]
 	python scripts/serve.py $(if $(MODEL_DIR),--model-dir $(MODEL_DIR))
 
 loadtest: setup ## bounded load test (loopback) of a running `make serve`; SPAWN=1 starts its own service
