@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from ..base_model import load_model_and_tokenizer
+
 
 def _peak_rss_mb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -52,12 +54,10 @@ def measure_model(
     path: str, load_options: dict, prompt_tokens: int, new_tokens: int, repeats: int, threads: int, seed: int
 ) -> dict[str, float]:
     """Load `path` (compressed or not) and time it at batch 1; run in a fresh process (see module doc)."""
-    from .stage import load_any
-
     if threads:
         torch.set_num_threads(threads)
     started = time.perf_counter()
-    model, tokenizer = load_any(path, **load_options)
+    model, tokenizer = load_model_and_tokenizer(path, **load_options)  # packed variants via load_compressed
     load_s = time.perf_counter() - started
     rss_loaded = _peak_rss_mb()
     generator = torch.Generator().manual_seed(seed)
