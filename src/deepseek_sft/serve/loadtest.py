@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..io import DataError, read_jsonl
 
@@ -123,12 +124,16 @@ async def drive(
     samples: list[Sample] = []
     deadline = time.monotonic() + duration_s
 
+    # a run may take minutes (the duration cap): show requests done, so it never looks hung
+    progress = tqdm(total=len(plan), desc="load test", unit="req", leave=False)
+
     async def client_loop(client: httpx.AsyncClient):
         nonlocal next_index
         while next_index < len(plan) and time.monotonic() < deadline:
             path, body = plan[next_index]
             next_index += 1  # single event loop: no lock needed between the read and the increment
             samples.append(await _one(client, path, body))
+            progress.update(1)
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     # trust_env=False: an HTTP(S)_PROXY in the environment must not route loopback traffic elsewhere.
@@ -136,7 +141,10 @@ async def drive(
         base_url=url, timeout=timeout_s, limits=limits, headers=headers, trust_env=False
     ) as client:
         started = time.perf_counter()
-        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        try:
+            await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        finally:
+            progress.close()
         wall = time.perf_counter() - started
     return samples, wall
 
@@ -200,6 +208,7 @@ def wait_ready(url: str, timeout_s: float, process: subprocess.Popen | None = No
     """Poll `url`/readyz until it answers 200; fail early if `process` exits."""
     deadline = time.monotonic() + timeout_s
     last = "no answer"
+    log.info("waiting up to %.0f s for %s/readyz (the model loads first)", timeout_s, url)
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"the service exited with code {process.returncode} before it was ready")
